@@ -1,0 +1,431 @@
+"""The channel API: ``Relay``, ``RelaySender``, ``WeakSender``, ``RelayReceiver``.
+
+Each relay is one ``Hub``: its ring (from the core), its tracked handlers and
+its derived relays. The public classes are thin handles on a hub:
+
+* ``RelaySender`` owns the relay: closing it, or losing it to garbage
+  collection, closes the relay.
+* ``WeakSender`` sends without keeping the relay open.
+* ``RelayReceiver`` subscribes, registers handlers and builds
+  transformations; it does not keep the relay open either.
+* ``Relay`` is both at once (loopback); derived relays are ``Relay``\\ s.
+"""
+
+import asyncio
+import itertools
+
+from . import _backend
+from .errors import RelayClosed, RelayError, RelayFull
+from .events import DeliveryMode, Dropped, type_name
+from .subscription import Subscription
+
+__all__ = ["Relay", "RelaySender", "WeakSender", "RelayReceiver", "Hub", "check_types"]
+
+_relay_ids = itertools.count(1)
+_current_loop = asyncio._get_running_loop
+_current_task = asyncio.current_task
+
+
+def check_types(types, name="T"):
+    """Normalize a type filter: None/object -> None (all), a class, or a tuple of classes."""
+    if types is None or types is object:
+        return None
+    if isinstance(types, type):
+        return types
+    if isinstance(types, tuple) and types and all(isinstance(t, type) for t in types):
+        return None if object in types else types
+    raise TypeError("%s must be a class or a non-empty tuple of classes, got %r" % (name, types))
+
+
+class Hub:
+    """Everything one relay owns. Internal: the public handles point here."""
+
+    def __init__(self, capacity=65536, mode=DeliveryMode.OBSERVABLE):
+        self.mode = DeliveryMode.parse(mode)
+        self.id = next(_relay_ids)
+        self.core = _backend.core
+        self.ring = self.core.Ring(capacity, self.mode is DeliveryMode.RELIABLE,
+                                   self.id, self._on_drop)
+        self.capacity = capacity
+        self.handlers = {}      # live tracked Handler -> None (insertion order)
+        self.tasks = {}         # running handler task -> Handler (deadlock guard)
+        self.children = []      # derived hubs, for aclose()
+        self.drain_waits = []   # awaitables aclose() waits for (handler/forwarder ends)
+        self.on_release = None  # derived relays: called when no handle remains
+
+    @property
+    def closed(self):
+        return self.ring.closed
+
+    def _on_drop(self, msg_id, value, readers):
+        # Called by the core after a write evicted an unread message.
+        if isinstance(value, Dropped):
+            return      # never announce the loss of a Dropped
+        self.ring.publish(Dropped(msg_id, self.id, type_name(type(value)), readers))
+
+    def publish(self, event):
+        """Deliver a relay event (``RelayError``...) out of band."""
+        self.ring.publish(event)
+
+    def close(self):
+        self.ring.close()
+
+    # -- sending ----------------------------------------------------------------
+
+    def write(self, value, origin=0):
+        """``send_nowait``: write without waiting for handlers; return the msg id."""
+        msg_id = self.ring.write(value, origin, None)
+        if msg_id > 0:
+            return msg_id
+        if msg_id == self.core.WRITE_FULL:
+            raise RelayFull("relay %d is full (reliable mode, capacity %d)"
+                            % (self.id, self.capacity))
+        raise RelayClosed("relay %d is closed" % self.id)
+
+    def send(self, value, origin=0):
+        """``send``: write now; return the awaitable that waits for handlers."""
+        completion = self.core.Completion() if self.handlers else None
+        msg_id = self.ring.write(value, origin, completion)
+        if msg_id > 0:
+            return Sent(self, msg_id, completion, value)
+        if msg_id == self.core.WRITE_FULL:
+            return self.send_when_room(value, origin)
+        raise RelayClosed("relay %d is closed" % self.id)
+
+    def send_when_room(self, value, origin):
+        raise RelayFull("relay %d is full (reliable mode, capacity %d)" % (self.id, self.capacity))
+
+    def self_send_error(self, sent):
+        """The deadlock guard: a ``RelayError`` if the awaiting task is a tracked
+        handler of this relay that would itself have to handle ``sent``."""
+        if not self.tasks:
+            return None
+        handler = self.tasks.get(_current_task())
+        if handler is None or not handler.counts(sent.value):
+            return None
+        return RelayError(sent.msg_id, handler.source, RuntimeError(
+            "deadlock: this %s awaits send() on its own relay for a message it must "
+            "handle itself, so the send could never complete. The message was already "
+            "written and the handler will still get it. Tracked handlers only send "
+            "forward: use send_nowait() here, or send to a derived or another relay."
+            % handler))
+
+
+def _resolver(loop, fut):
+    """A completion callback that resolves ``fut`` on ``loop``, from any thread."""
+    def resolve(_completion):
+        if _current_loop() is loop:
+            if not fut.done():
+                fut.set_result(None)
+        else:
+            try:
+                loop.call_soon_threadsafe(_set_result, fut)
+            except RuntimeError:    # the sender's loop is closed: nobody waits
+                pass
+    return resolve
+
+
+def _set_result(fut):
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Sent:
+    """What ``send()`` returns: the message is already written.
+
+    Awaiting it waits until every tracked handler that counted the message has
+    finished it, then returns the msg id or raises the first ``RelayError``.
+    With no tracked handler it completes without yielding to the loop.
+    Cancelling the await only stops the waiting.
+    """
+
+    __slots__ = ("_hub", "msg_id", "_completion", "value")
+
+    def __init__(self, hub, msg_id, completion, value):
+        self._hub = hub
+        self.msg_id = msg_id
+        self._completion = completion
+        self.value = value
+
+    def __await__(self):
+        completion = self._completion
+        if completion is not None:
+            if completion.remaining:
+                yield from self._wait().__await__()
+            if completion.error is not None:
+                raise completion.error
+        return self.msg_id
+
+    async def _wait(self):
+        completion = self._completion
+        error = self._hub.self_send_error(self)
+        if error is not None:
+            raise error
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if completion.when_done(_resolver(loop, fut)):
+            await fut
+
+    def __repr__(self):
+        return "<Sent msg_id=%d>" % self.msg_id
+
+
+class _SendAPI:
+    """Sending, shared by ``RelaySender``, ``WeakSender`` and ``Relay``."""
+
+    __slots__ = ()
+
+    def send(self, value):
+        """Send ``value`` (any object, ``None`` included); ``await`` it for the id.
+
+        Eager: the message is written when ``send()`` is called (in reliable
+        mode with a full ring it is queued in order for room), so a forgotten
+        ``await`` still delivers it. Awaiting returns the msg id once every
+        tracked handler (sink, tap) of a matching type has finished it, or
+        raises ``RelayError`` (first failure). Raises ``RelayClosed`` at the
+        call if the relay is closed.
+        """
+        return self._hub.send(value)
+
+    def send_nowait(self, value):
+        """Write ``value`` now and return its msg id; never waits for handlers.
+
+        Safe from any thread. Raises ``RelayClosed`` after close and, in
+        reliable mode when the ring is full, ``RelayFull`` (nothing written).
+        """
+        return self._hub.write(value)
+
+    @property
+    def id(self):
+        """This relay's id (also the ``origin`` of messages sent into it)."""
+        return self._hub.id
+
+    @property
+    def closed(self):
+        return self._hub.ring.closed
+
+    @property
+    def handler_count(self):
+        """Live tracked handlers (sinks and taps) on this relay."""
+        return len(self._hub.handlers)
+
+    @property
+    def dropped(self):
+        """Messages this relay lost to lag (each counted once, however many lost it)."""
+        return self._hub.ring.dropped
+
+    def weak(self):
+        """A ``WeakSender``: same sending API, does not keep the relay open."""
+        return WeakSender(self._hub)
+
+
+class _CloseAPI:
+    """Closing, for the handles that own a relay (``RelaySender``, ``Relay``)."""
+
+    __slots__ = ()
+
+    def close(self):
+        """Close the relay. Idempotent.
+
+        Later sends raise ``RelayClosed``; subscribers still receive everything
+        sent before, then end; handlers drain and stop; derived relays drain,
+        flush and close.
+        """
+        self._hub.close()
+
+    async def aclose(self):
+        """Close, then wait until handlers here and on derived relays have drained."""
+        from .handlers import drain
+        self._hub.close()
+        await drain(self._hub)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc_info):
+        await self.aclose()
+
+    def __copy__(self):
+        raise TypeError("%s cannot be copied: it is the single owner of its relay; "
+                        "use weak() for more senders" % type(self).__name__)
+
+    def __deepcopy__(self, memo):
+        self.__copy__()
+
+    def __reduce__(self):
+        raise TypeError("%s cannot be pickled" % type(self).__name__)
+
+
+class _ReceiveAPI:
+    """Subscribing, handlers and transformations, shared by ``RelayReceiver`` and ``Relay``."""
+
+    __slots__ = ()
+
+    @property
+    def id(self):
+        return self._hub.id
+
+    @property
+    def closed(self):
+        return self._hub.ring.closed
+
+    def subscribe(self, T=None, envelopes=False):
+        """An untracked ``Subscription`` to messages of type ``T`` (None: all types).
+
+        ``T`` is a class or a tuple of classes, matched with ``isinstance``.
+        With ``envelopes=True`` it yields ``Envelope(value, msg_id, origin,
+        relay_id)``. It sees only messages sent after it was created.
+        """
+        return Subscription(self._hub.ring, check_types(T), envelopes)
+
+    # Handlers (see handlers.py)
+
+    def sink(self, T, fn, timeout=None):
+        """Register a tracked terminal handler; return its ``Handler``."""
+        from .handlers import register
+        return register(self._hub, "sink", T, fn, timeout)
+
+    def tap(self, T, fn, timeout=None):
+        """Register a tracked observing handler; return this receiver, for chaining."""
+        from .handlers import register
+        register(self._hub, "tap", T, fn, timeout)
+        return self
+
+    def within(self, async_fn):
+        """Run ``async_fn()`` as an untracked task; its exception becomes a ``RelayError``."""
+        from .handlers import within
+        return within(self._hub, async_fn)
+
+    # Transformations (see transforms.py): each returns a derived Relay.
+
+    def filter(self, T, pred, on_error="close"):
+        from .transforms import derive
+        return derive(self._hub, "filter", T, pred, on_error=on_error)
+
+    def map(self, T, fn, on_error="close"):
+        from .transforms import derive
+        return derive(self._hub, "map", T, fn, on_error=on_error)
+
+    def filter_map(self, T, fn, on_error="close"):
+        from .transforms import derive
+        return derive(self._hub, "filter_map", T, fn, on_error=on_error)
+
+    def only(self, T):
+        from .transforms import derive
+        return derive(self._hub, "only", T, None)
+
+    def exclude(self, T):
+        from .transforms import derive
+        return derive(self._hub, "exclude", T, None)
+
+    def split(self, T):
+        """``(only(T), exclude(T))``."""
+        return self.only(T), self.exclude(T)
+
+    def batch(self, T, size, timeout=None, on_error="close"):
+        from .transforms import batch
+        return batch(self._hub, T, size, timeout, on_error=on_error)
+
+    async def forward(self, target):
+        from .transforms import forward
+        await forward(self._hub, target)
+
+
+class RelaySender(_SendAPI, _CloseAPI):
+    """The single owner of a relay: sends, and closes it.
+
+    The relay closes when ``close()`` is called, when a ``with``/``async with``
+    block ends, or when this object is garbage-collected. Not copyable: use
+    ``weak()`` for more senders.
+    """
+
+    __slots__ = ("_hub", "__weakref__")
+
+    def __init__(self, hub):
+        self._hub = hub
+
+    def __del__(self):
+        hub = getattr(self, "_hub", None)
+        if hub is not None:
+            hub.close()
+
+    def __repr__(self):
+        return "<RelaySender relay=%d%s>" % (self._hub.id, " closed" if self.closed else "")
+
+
+class WeakSender(_SendAPI):
+    """Sends into a relay without keeping it open (``tx.weak()``).
+
+    Once the owner closes the relay, sends raise ``RelayClosed``.
+    """
+
+    __slots__ = ("_hub",)
+
+    def __init__(self, hub):
+        self._hub = hub
+
+    def __repr__(self):
+        return "<WeakSender relay=%d%s>" % (self._hub.id, " closed" if self.closed else "")
+
+
+class RelayReceiver(_ReceiveAPI):
+    """The observing side of a relay; freely shared; does not keep it open."""
+
+    __slots__ = ("_hub", "__weakref__")
+
+    def __init__(self, hub):
+        self._hub = hub
+
+    @property
+    def dropped(self):
+        return self._hub.ring.dropped
+
+    def __repr__(self):
+        return "<RelayReceiver relay=%d%s>" % (self._hub.id, " closed" if self.closed else "")
+
+
+class Relay(_SendAPI, _CloseAPI, _ReceiveAPI):
+    """A relay with both the sending and the receiving API (loopback).
+
+    ``Relay.channel()`` is the usual entry point; ``Relay()`` is for tests,
+    and every transformation returns a derived ``Relay``. A ``Relay()`` is
+    closed when garbage-collected, like a ``RelaySender``; a derived relay is
+    closed with its parent instead, and stops its forwarding when it is
+    garbage-collected with nothing subscribed to it.
+    """
+
+    __slots__ = ("_hub", "__weakref__")
+
+    def __init__(self, capacity=65536, mode="observable", *, _hub=None):
+        self._hub = _hub if _hub is not None else Hub(capacity, mode)
+
+    @classmethod
+    def channel(cls, capacity=65536, mode="observable"):
+        """Create a relay; return ``(RelaySender, RelayReceiver)``.
+
+        ``capacity``: ring slots (an int >= 1); memory grows with the backlog,
+        not with the capacity. ``mode``: ``"observable"`` (default: a lagging
+        subscriber loses the oldest messages, counted and announced as
+        ``Dropped``) or ``"reliable"`` (nothing is lost; a full ring makes
+        ``send()`` wait and ``send_nowait()`` raise ``RelayFull``).
+        """
+        hub = Hub(capacity, mode)
+        return RelaySender(hub), RelayReceiver(hub)
+
+    def __del__(self):
+        hub = getattr(self, "_hub", None)
+        if hub is None:
+            return
+        if hub.on_release is not None:
+            hub.on_release()
+        else:
+            hub.close()
+
+    def __repr__(self):
+        return "<Relay %d%s>" % (self._hub.id, " closed" if self.closed else "")
