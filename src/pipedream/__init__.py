@@ -13,12 +13,13 @@ from .channel import Relay, RelayReceiver, RelaySender, WeakSender
 from .errors import Empty, HandlerDetached, RelayClosed, RelayError, RelayFull, SendError
 from .events import DeliveryMode, Dropped, Envelope
 from .subscription import Subscription
+from .transforms import merge
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Relay", "RelaySender", "WeakSender", "RelayReceiver", "Subscription",
-    "Dropped", "Envelope", "DeliveryMode",
+    "Dropped", "Envelope", "DeliveryMode", "merge",
     "SendError", "RelayClosed", "RelayFull", "RelayError", "Empty", "HandlerDetached",
     "core_name",
 ]

@@ -18,17 +18,33 @@ What lives here (and nothing else; no asyncio):
 Rules that keep it safe to call from several threads: every change to shared
 state happens under ``Ring._lock``, and no user code runs while that lock is
 held (no ``issubclass`` on user classes, no callbacks, no last reference to a
-user object dropped). Callbacks (wakers, ``on_drop``, completion callbacks)
-are called after the lock is released.
+user object dropped). Callbacks (wakers, ``on_drop``, space waiters,
+completion callbacks) are called after the lock is released.
+
+The locked sections also allocate no garbage-collected object (no tuple, no
+list or iterator, no slot object): such an allocation can start the cycle
+collector, whose finalizers (a subscription's ``__del__`` closing its reader,
+a user's ``__del__`` sending a message) would then run under the lock and
+deadlock on it. Everything a locked section needs is allocated before it,
+and everything it releases is dropped after it. (On Python 3.12+ the
+collector may also start at any bytecode boundary, which pure Python cannot
+prevent; the Cython core runs no bytecode under its lock.)
+
+A callback that raises ``Exception`` is logged (logger ``pipedream``) and the
+core carries on: by then the core's own work is done (a message popped, a
+write made), and letting the error escape would lose that message or skip
+the wakers after it, leaving tasks parked forever.
 """
 
+import logging
+import operator
 import threading
 from collections import deque
 
 from ._sentinels import CLOSED, EMPTY
 
 __all__ = ["Ring", "Reader", "Completion", "EMPTY", "CLOSED",
-           "WRITE_CLOSED", "WRITE_FULL"]
+           "WRITE_CLOSED", "WRITE_FULL", "check_capacity"]
 
 
 #: ``Ring.write`` results that are not message ids.
@@ -39,6 +55,25 @@ WRITE_FULL = -1
 # thread runs the handler, so they need a lock of their own; one shared lock
 # is enough because each critical section is a few operations long.
 _completion_lock = threading.Lock()
+
+_log = logging.getLogger("pipedream")
+
+# Proves that a Reader comes from Ring.reader(): a reader that is not
+# registered with its ring has no type flags and no cursor.
+_READER_TOKEN = object()
+
+
+def _callback_failed(callback):
+    # Called from an ``except`` block: logs the exception being handled.
+    _log.exception("pipedream core: callback %r raised", callback)
+
+
+def _call(callback, *args):
+    """Run a callback given to the core; an ``Exception`` is logged, not raised."""
+    try:
+        callback(*args)
+    except Exception:
+        _callback_failed(callback)
 
 
 def check_capacity(capacity):
@@ -58,7 +93,7 @@ class Completion:
     matched the message when it was written). Each of those handlers calls
     ``finish()`` once; the first error passed to ``finish()`` is kept. When
     ``remaining`` reaches zero the callback given to ``when_done()`` runs, in
-    the thread that finished last.
+    the thread that finished last (an exception from it is logged).
     """
 
     __slots__ = ("msg_id", "remaining", "error", "_callback")
@@ -86,7 +121,7 @@ class Completion:
             callback = self._callback
             self._callback = None
         if callback is not None:
-            callback(self)
+            _call(callback, self)
 
     def when_done(self, callback):
         """Call ``callback(self)`` once ``remaining`` reaches zero.
@@ -96,6 +131,7 @@ class Completion:
         with _completion_lock:
             if self.remaining <= 0:
                 return False
+            old = self._callback    # replaced: released after the lock
             self._callback = callback
             return True
 
@@ -142,6 +178,7 @@ class Ring:
         self._match = []         # key -> number of open readers matching it
         self._tracked = []       # key -> number of open tracked readers matching it
         self._readers = []
+        self._reader_gen = 0     # readers ever registered (see _register)
         self._slots = {}         # seq -> _Slot, for tail <= seq < head
         self._head = 0           # seq of the next write
         self._tail = 0           # oldest seq still held
@@ -164,9 +201,13 @@ class Ring:
         return self._head
 
     def tracked_for(self, value):
-        """Tracked readers that would count a message like ``value`` now."""
-        key = self._keys.get(type(value))
-        return 0 if key is None else self._tracked[key]
+        """Tracked readers that would count a message like ``value`` now.
+
+        Registers ``value``'s type if it is new (readers' filters may run).
+        """
+        key = self._key_of(type(value))
+        with self._lock:
+            return self._tracked[key]
 
     # -- types ----------------------------------------------------------------
 
@@ -181,23 +222,29 @@ class Ring:
             key = self._keys.get(tp)
             if key is not None:
                 return key
-            readers = list(self._readers)
-            flags = [r._wants(tp) for r in readers]   # user code may run here
-            with self._lock:
-                key = len(self._key_types)
-                self._key_types.append(tp)
-                match = tracked = 0
-                for r, flag in zip(readers, flags):
-                    if r.closed:
-                        flag = False
-                    r._flags.append(flag)
-                    if flag:
-                        match += 1
-                        tracked += r.tracked
-                # Readers created after `readers` was copied cannot exist: the
-                # registry lock is held. Readers closed meanwhile got False.
-                self._match.append(match)
-                self._tracked.append(tracked)
+            while True:
+                gen = self._reader_gen
+                readers = list(self._readers)
+                flags = [r._wants(tp) for r in readers]   # user code may run here
+                with self._lock:
+                    # Readers only join under the registry lock, which is held:
+                    # one can have joined only from the user code above, on this
+                    # thread. It would miss this type's flag; start again.
+                    if self._reader_gen != gen:
+                        continue
+                    key = len(self._key_types)
+                    self._key_types.append(tp)
+                    match = tracked = 0
+                    for i in range(len(readers)):
+                        r = readers[i]
+                        flag = flags[i] and not r.closed   # closed meanwhile: False
+                        r._flags.append(flag)
+                        if flag:
+                            match += 1
+                            tracked += r.tracked
+                    self._match.append(match)
+                    self._tracked.append(tracked)
+                    break
             self._keys[tp] = key
             return key
 
@@ -206,19 +253,33 @@ class Ring:
 
         ``types``: None for every type, or a class or tuple of classes
         (matched with ``issubclass`` on each concrete type, once per type).
+        Raises ``TypeError`` at once if ``issubclass`` rejects ``types``.
         """
-        r = Reader(self, types, tracked)
+        if types is not None:
+            issubclass(object, types)   # a bad filter fails here, not in a later write
+        r = Reader(self, types, tracked, _READER_TOKEN)
         with self._registry:
-            flags = [r._wants(tp) for tp in list(self._key_types)]
-            with self._lock:
-                r._flags = flags
-                r._cursor = self._head
-                self._readers.append(r)
-                for key, flag in enumerate(flags):
-                    if flag:
-                        self._match[key] += 1
-                        if tracked:
-                            self._tracked[key] += 1
+            flags = []
+            while True:
+                key_types = self._key_types
+                while len(flags) < len(key_types):      # user code may run here
+                    flags.append(r._wants(key_types[len(flags)]))
+                with self._lock:
+                    # A type registered from the user code above (this thread)
+                    # still needs its flag: go round again.
+                    if len(flags) != len(self._key_types):
+                        continue
+                    r._flags = flags
+                    r._cursor = self._head
+                    r.closed = False
+                    self._readers.append(r)
+                    self._reader_gen += 1
+                    for key in range(len(flags)):
+                        if flags[key]:
+                            self._match[key] += 1
+                            if r.tracked:
+                                self._tracked[key] += 1
+                    break
         return r
 
     # -- writing --------------------------------------------------------------
@@ -232,16 +293,18 @@ class Ring:
         number is not zero.
         """
         key = self._key_of(type(value))
-        evicted = None
-        wakers = None
+        slot = _Slot(value, key, 0, origin or self.relay_id, None)
+        released = []       # slots and objects let go under the lock
+        evicted = []        # [msg_id, value, losers, completion, tracked_losers]
+        wakers = []
         with self._lock:
             if self.closed:
                 return WRITE_CLOSED
-            self._advance_tail()
+            self._advance_tail(released)
             if self._head - self._tail >= self.capacity:
                 if self.reliable:
                     return WRITE_FULL
-                evicted = self._evict()
+                self._evict(evicted, released)
             seq = self._head
             self._head = seq + 1
             remaining = self._match[key]
@@ -249,40 +312,51 @@ class Ring:
             if completion is not None:
                 completion.msg_id = seq + 1
                 completion.remaining = tracked
-                if not tracked:
-                    completion = None
-            self._slots[seq] = _Slot(value if remaining else None, key, remaining,
-                                     origin or self.relay_id, completion)
+                if tracked:
+                    slot.completion = completion
+            slot.remaining = remaining
+            if not remaining:
+                slot.value = None   # nobody will read it (the caller holds value)
+            self._slots[seq] = slot
             if not remaining and seq == self._tail:
-                self._advance_tail()
+                self._advance_tail(released)
             if self._n_parked:
-                wakers = self._take_wakers(key)
-        if evicted is not None:
+                self._take_wakers(key, wakers)
+        del released
+        if evicted:
             self._report_eviction(*evicted)
-        if wakers:
-            for waker in wakers:
-                waker()
+        for waker in wakers:
+            _call(waker)
         return seq + 1
 
-    def _advance_tail(self):
+    def _advance_tail(self, released):
+        # Released slots go to ``released``: a slot may hold the last
+        # reference to a Completion (and through it to user objects).
         slots = self._slots
         while self._tail < self._head and slots[self._tail].remaining == 0:
-            del slots[self._tail]
+            released.append(slots.pop(self._tail))
             self._tail += 1
 
-    def _evict(self):
+    def _evict(self, evicted, released):
         """Lose the oldest slot (it has readers left). Called with the lock held."""
         seq = self._tail
         slot = self._slots.pop(seq)
+        released.append(slot)
         self._tail = seq + 1
         losers = tracked_losers = 0
-        for r in self._readers:
+        readers = self._readers
+        for i in range(len(readers)):
+            r = readers[i]
             if r._cursor <= seq and r._flags[slot.key]:
                 r.dropped += 1
                 losers += 1
                 tracked_losers += r.tracked
         self.dropped += 1
-        return (seq + 1, slot.value, losers, slot.completion, tracked_losers)
+        evicted.append(seq + 1)
+        evicted.append(slot.value)
+        evicted.append(losers)
+        evicted.append(slot.completion)
+        evicted.append(tracked_losers)
 
     def _report_eviction(self, msg_id, value, losers, completion, tracked_losers):
         # A tracked handler that lost the message counts as done with it.
@@ -290,16 +364,17 @@ class Ring:
             for _ in range(tracked_losers):
                 completion.finish()
         if self._on_drop is not None:
-            self._on_drop(msg_id, value, losers)
+            _call(self._on_drop, msg_id, value, losers)
 
-    def _take_wakers(self, key):
-        wakers = []
-        for r in self._readers:
+    def _take_wakers(self, key, wakers):
+        # key < 0: every parked reader.
+        readers = self._readers
+        for i in range(len(readers)):
+            r = readers[i]
             if r._waker is not None and (key < 0 or r._flags[key]):
                 wakers.append(r._waker)
                 r._waker = None
                 self._n_parked -= 1
-        return wakers
 
     def publish(self, notice):
         """Deliver ``notice`` out of band to every open reader matching its type.
@@ -307,57 +382,65 @@ class Ring:
         It takes no ring slot and never waits; it works after close too (so
         handlers draining a closed relay can still report). Each reader keeps
         at most ``capacity`` unread notices; past that its oldest is lost and
-        counted in its ``dropped``.
+        counted in its ``dropped``. A reader gets a notice after the messages
+        written before it and before those written after it.
         """
         key = self._key_of(type(notice))
-        wakers = None
+        wakers = []
         lost = []
         with self._lock:
             stamp = self._head
-            for r in self._readers:
+            readers = self._readers
+            for i in range(len(readers)):
+                r = readers[i]
                 if r._flags[key]:
-                    r._notices.append((stamp, notice))
+                    r._notices.append(notice)
+                    r._stamps.append(stamp)
                     if len(r._notices) > self.capacity:
                         lost.append(r._notices.popleft())
+                        r._stamps.popleft()
                         r.dropped += 1
             if self._n_parked:
-                wakers = self._take_wakers(key)
+                self._take_wakers(key, wakers)
         del lost  # dropped outside the lock
-        if wakers:
-            for waker in wakers:
-                waker()
+        for waker in wakers:
+            _call(waker)
 
     def close(self):
         """Close the ring: no more writes; readers drain, then get CLOSED."""
+        wakers = []
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            wakers = self._take_wakers(-1)
+            self._take_wakers(-1, wakers)
             space = self._space_waiter
             self._space_waiter = None
         for waker in wakers:
-            waker()
+            _call(waker)
         if space is not None:
-            space()
+            _call(space)
 
     def wait_space(self, callback):
         """Reliable rings: call ``callback()`` once a slot frees (or on close).
 
         Returns False, without keeping ``callback``, if a write would fit now
-        or the ring is closed.
+        or the ring is closed. One waiter at a time: a new one replaces the
+        previous one.
         """
+        released = []
         with self._lock:
-            self._advance_tail()
+            self._advance_tail(released)
             if self.closed or self._head - self._tail < self.capacity:
                 return False
+            released.append(self._space_waiter)
             self._space_waiter = callback
             return True
 
-    def _take_space_waiter(self):
+    def _take_space_waiter(self, released):
         # Called with the lock held after the tail may have moved.
         if self._space_waiter is not None:
-            self._advance_tail()
+            self._advance_tail(released)
             if self._head - self._tail < self.capacity:
                 waiter = self._space_waiter
                 self._space_waiter = None
@@ -373,27 +456,30 @@ class Ring:
 class Reader:
     """One reader's cursor into a ring. Single consumer: one task pops at a time.
 
-    After each ``pop`` that returns a message, ``msg_id``, ``origin`` and
-    (tracked readers only) ``completion`` describe it. Notices (out-of-band
-    messages from ``Ring.publish``) have ``msg_id`` 0.
+    Made by ``Ring.reader()`` only. After each ``pop`` that returns a message,
+    ``msg_id``, ``origin`` and (tracked readers only) ``completion`` describe
+    it. Notices (out-of-band messages from ``Ring.publish``) have ``msg_id`` 0.
     """
 
     __slots__ = ("_ring", "types", "tracked", "closed", "dropped", "msg_id",
                  "origin", "completion", "_flags", "_cursor", "_notices",
-                 "_waker", "__weakref__")
+                 "_stamps", "_waker", "__weakref__")
 
-    def __init__(self, ring, types, tracked):
+    def __init__(self, ring, types, tracked, _token=None):
+        if _token is not _READER_TOKEN:
+            raise TypeError("Reader objects are made by Ring.reader()")
         self._ring = ring
         self.types = types
         self.tracked = bool(tracked)
-        self.closed = False
+        self.closed = True      # until Ring.reader() has registered it
         self.dropped = 0
         self.msg_id = 0
         self.origin = 0
         self.completion = None
         self._flags = []
         self._cursor = 0
-        self._notices = deque()
+        self._notices = deque()     # unread notices, oldest first
+        self._stamps = deque()      # the ring's head when each was published
         self._waker = None
 
     def _wants(self, tp):
@@ -425,14 +511,21 @@ class Reader:
             return True
         return self._seek() < self._ring._head
 
-    def _take(self, out):
-        """Take the next item into ``out`` (a list); return False if none."""
+    def _take(self, out, released):
+        """Take the next item into ``out``; return False if none.
+
+        Appends four items (no tuple: see the module docstring): value,
+        msg_id, origin, completion.
+        """
         ring = self._ring
         cursor = self._seek()
         notices = self._notices
-        if notices and (cursor >= ring._head or notices[0][0] <= cursor):
-            out.append(notices.popleft()[1])
-            out.append((0, ring.relay_id, None))
+        if notices and (cursor >= ring._head or self._stamps[0] <= cursor):
+            self._stamps.popleft()
+            out.append(notices.popleft())
+            out.append(0)
+            out.append(ring.relay_id)
+            out.append(None)
             return True
         if cursor >= ring._head:
             return False
@@ -443,9 +536,11 @@ class Reader:
             slot.value = None
         self._cursor = cursor + 1
         out.append(value)
-        out.append((cursor + 1, slot.origin, slot.completion if self.tracked else None))
+        out.append(cursor + 1)
+        out.append(slot.origin)
+        out.append(slot.completion if self.tracked else None)
         if slot.remaining == 0 and cursor == ring._tail:
-            ring._advance_tail()
+            ring._advance_tail(released)
         return True
 
     # -- consuming ------------------------------------------------------------
@@ -454,38 +549,49 @@ class Reader:
         """The next message for this reader, or ``EMPTY``, or ``CLOSED``."""
         ring = self._ring
         out = []
+        released = []
         with ring._lock:
             if self.closed:
                 return CLOSED
-            if not self._take(out):
+            if not self._take(out, released):
                 return CLOSED if ring.closed else EMPTY
-            space = ring._take_space_waiter()
-        self.msg_id, self.origin, self.completion = out[1]
+            space = ring._take_space_waiter(released)
+        del released
+        self.msg_id = out[1]
+        self.origin = out[2]
+        self.completion = out[3]
         if space is not None:
-            space()
+            _call(space)
         return out[0]
 
     def pop_many(self, n):
         """Up to ``n`` messages as a list (at least one), or ``EMPTY``/``CLOSED``.
 
         Metadata attributes describe the last message of the list.
+        ``n`` is an integer (``operator.index``) >= 1.
         """
+        n = operator.index(n)
         if n < 1:
             raise ValueError("n must be >= 1, got %d" % n)
         ring = self._ring
         out = []
+        released = []
+        limit = 4 * n
         with ring._lock:
             if self.closed:
                 return CLOSED
-            while len(out) < 2 * n and self._take(out):
+            while len(out) < limit and self._take(out, released):
                 pass
             if not out:
                 return CLOSED if ring.closed else EMPTY
-            space = ring._take_space_waiter()
-        self.msg_id, self.origin, self.completion = out[-1]
+            space = ring._take_space_waiter(released)
+        del released
+        self.msg_id = out[-3]
+        self.origin = out[-2]
+        self.completion = out[-1]
         if space is not None:
-            space()
-        return out[0::2]
+            _call(space)
+        return out[0::4]
 
     def park(self, waker):
         """Ask for ``waker()`` once something is ready for this reader.
@@ -498,7 +604,8 @@ class Reader:
         with ring._lock:
             if self._ready():
                 return False
-            if self._waker is None:
+            old = self._waker       # replaced: released after the lock
+            if old is None:
                 ring._n_parked += 1
             self._waker = waker
             return True
@@ -507,9 +614,24 @@ class Reader:
         """Forget the waker given to ``park`` (if it was not called yet)."""
         ring = self._ring
         with ring._lock:
-            if self._waker is not None:
+            old = self._waker       # released after the lock
+            if old is not None:
                 self._waker = None
                 ring._n_parked -= 1
+
+    def headroom(self):
+        """Writes that fit before the ring wraps to this reader's oldest unread message.
+
+        ``capacity`` minus the slots from that message to the head, or
+        ``capacity`` if this reader has nothing unread (or is closed). In a
+        reliable ring, 0 means the ring is full and its oldest slot waits for
+        (at least) this reader: no write can succeed until it reads.
+        """
+        ring = self._ring
+        with ring._lock:
+            if self.closed:
+                return ring.capacity
+            return ring.capacity - (ring._head - self._seek())
 
     @property
     def pending(self):
@@ -519,7 +641,9 @@ class Reader:
             if self.closed:
                 return 0
             count = len(self._notices)
-            cursor = max(self._cursor, ring._tail)
+            cursor = self._cursor
+            if cursor < ring._tail:
+                cursor = ring._tail
             for seq in range(cursor, ring._head):
                 if self._flags[ring._slots[seq].key]:
                     count += 1
@@ -539,14 +663,18 @@ class Reader:
                 return owed
             self.closed = True
             ring._readers.remove(self)
-            for key, flag in enumerate(self._flags):
-                if flag:
+            flags = self._flags
+            for key in range(len(flags)):
+                if flags[key]:
                     ring._match[key] -= 1
                     if self.tracked:
                         ring._tracked[key] -= 1
-            for seq in range(max(self._cursor, ring._tail), ring._head):
+            cursor = self._cursor
+            if cursor < ring._tail:
+                cursor = ring._tail
+            for seq in range(cursor, ring._head):
                 slot = ring._slots[seq]
-                if self._flags[slot.key]:
+                if flags[slot.key]:
                     slot.remaining -= 1
                     if self.tracked and slot.completion is not None:
                         owed.append(slot.completion)
@@ -554,16 +682,19 @@ class Reader:
                         released.append(slot.value)
                         slot.value = None
             self._cursor = ring._head
-            ring._advance_tail()
-            released.extend(self._notices)
-            self._notices.clear()
+            ring._advance_tail(released)
+            notices = self._notices
+            while notices:
+                released.append(notices.popleft())
+            self._stamps.clear()
             if self._waker is not None:
+                released.append(self._waker)
                 self._waker = None
                 ring._n_parked -= 1
-            space = ring._take_space_waiter()
+            space = ring._take_space_waiter(released)
         del released  # last references dropped outside the lock
         if space is not None:
-            space()
+            _call(space)
         return owed
 
     def __repr__(self):

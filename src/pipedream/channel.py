@@ -47,11 +47,18 @@ class Hub:
         self.ring = self.core.Ring(capacity, self.mode is DeliveryMode.RELIABLE,
                                    self.id, self._on_drop)
         self.capacity = capacity
+        # Reliable mode: the FIFO of writes waiting for room (see reliable.py).
+        self.space = None
+        if self.mode is DeliveryMode.RELIABLE:
+            from .reliable import SpaceQueue
+            self.space = SpaceQueue(self)
         self.handlers = {}      # live tracked Handler -> None (insertion order)
         self.tasks = {}         # running handler task -> Handler (deadlock guard)
         self.children = []      # derived hubs, for aclose()
         self.drain_waits = []   # awaitables aclose() waits for (handler/forwarder ends)
         self.on_release = None  # derived relays: called when no handle remains
+        self.on_reader_closed = None    # derived relays: called after a reader closed
+        self.on_close = {}      # callback -> None, run once after close (feeds into it)
 
     @property
     def closed(self):
@@ -69,12 +76,34 @@ class Hub:
 
     def close(self):
         self.ring.close()
+        if self.space is not None:
+            self.space.close()      # queued sends: RelayClosed now, nothing written
+        if self.on_close:
+            callbacks = list(self.on_close)
+            self.on_close.clear()
+            for callback in callbacks:
+                callback()
+
+    def reader_closed(self):
+        """Called after a reader of this relay closed (any thread): lets a derived
+        relay that no handle references stop once nothing reads it."""
+        callback = self.on_reader_closed
+        if callback is not None:
+            callback()
 
     # -- sending ----------------------------------------------------------------
 
     def write(self, value, origin=0):
-        """``send_nowait``: write without waiting for handlers; return the msg id."""
-        msg_id = self.ring.write(value, origin, None)
+        """``send_nowait``: write without waiting for handlers; return the msg id.
+
+        Any thread. Reliable mode: ``RelayFull`` (nothing written) if the ring
+        is full or sends are queued for room (it never jumps that queue).
+        """
+        space = self.space
+        if space is None or not space.queue:    # (offer(), inlined: the hot path)
+            msg_id = self.ring.write(value, origin, None)
+        else:
+            msg_id = self.core.WRITE_CLOSED if self.ring.closed else self.core.WRITE_FULL
         if msg_id > 0:
             return msg_id
         if msg_id == self.core.WRITE_FULL:
@@ -82,18 +111,59 @@ class Hub:
                             % (self.id, self.capacity))
         raise RelayClosed("relay %d is closed" % self.id)
 
+    def offer(self, value, origin=0):
+        """Untracked write that never waits: the msg id, ``WRITE_FULL`` or ``WRITE_CLOSED``.
+
+        Any thread. Reliable mode: ``WRITE_FULL`` (nothing written) also while
+        sends are queued for room, so it never jumps that queue. Forwarders
+        use it (or ``put()``) instead of writing to the ring directly.
+        """
+        space = self.space
+        if space is not None and space.queue:
+            return self.core.WRITE_CLOSED if self.ring.closed else self.core.WRITE_FULL
+        return self.ring.write(value, origin, None)
+
     def send(self, value, origin=0):
-        """``send``: write now; return the awaitable that waits for handlers."""
+        """``send``: write now (or queue for room); return the awaitable."""
+        space = self.space
+        if space is not None and space.queue:
+            return space.send(value, origin)    # behind earlier sends, in order
         completion = self.core.Completion() if self.handlers else None
         msg_id = self.ring.write(value, origin, completion)
         if msg_id > 0:
             return Sent(self, msg_id, completion, value)
         if msg_id == self.core.WRITE_FULL:
-            return self.send_when_room(value, origin)
+            return space.send(value, origin)
         raise RelayClosed("relay %d is closed" % self.id)
 
-    def send_when_room(self, value, origin):
-        raise RelayFull("relay %d is full (reliable mode, capacity %d)" % (self.id, self.capacity))
+    def send_threadsafe(self, value, origin=0):
+        """``send_threadsafe``: a ``concurrent.futures.Future`` of the msg id."""
+        from .reliable import send_threadsafe
+        return send_threadsafe(self, value, origin)
+
+    async def put(self, value, origin=0):
+        """Write ``value``, waiting for room in reliable mode; untracked.
+
+        For forwarders (transformations, ``forward``, ``merge``): it never
+        waits for handlers, and it waits for room in the same queue as
+        ``send()`` (in order, nobody starves). Returns the msg id; raises
+        ``RelayClosed`` (nothing written). Cancelled while waiting: nothing
+        is written.
+        """
+        msg_id = self.offer(value, origin)
+        if msg_id > 0:
+            return msg_id
+        if msg_id != self.core.WRITE_FULL:
+            raise RelayClosed("relay %d is closed" % self.id)
+        return await self.space.put(value, origin)
+
+    async def room(self):
+        """Return once a write queued now would have its turn and room (or at close).
+
+        Observable mode: at once. It reserves nothing; ``put()`` does.
+        """
+        if self.space is not None:
+            await self.space.room()
 
     def self_send_error(self, sent):
         """The deadlock guard: a ``RelayError`` if the awaiting task is a tracked
@@ -195,6 +265,21 @@ class _SendAPI:
         """
         return self._hub.write(value)
 
+    def send_threadsafe(self, value):
+        """Send ``value`` from any thread; return a ``concurrent.futures.Future``.
+
+        The future resolves to the msg id once every tracked handler of a
+        matching type has finished the message, or raises what ``send()``
+        would: ``RelayClosed`` (nothing written), ``RelayError``. The message
+        is written at the call (one thread's sends stay in order) or, in
+        reliable mode with a full ring, queued for room in the same order as
+        ``send()``; closing the relay fails such a queued send at once with
+        ``RelayClosed``. Needs no event loop. ``future.cancel()`` succeeds only
+        while nothing is written. Do not block on ``.result()`` in the thread
+        that runs the handlers' event loop: that loop could never finish them.
+        """
+        return self._hub.send_threadsafe(value)
+
     @property
     def id(self):
         """This relay's id (also the ``origin`` of messages sent into it)."""
@@ -282,7 +367,8 @@ class _ReceiveAPI:
         With ``envelopes=True`` it yields ``Envelope(value, msg_id, origin,
         relay_id)``. It sees only messages sent after it was created.
         """
-        return Subscription(self._hub.ring, check_types(T), envelopes)
+        hub = self._hub
+        return Subscription(hub.ring, check_types(T), envelopes, hub.reader_closed)
 
     # Handlers (see handlers.py)
 
@@ -302,39 +388,67 @@ class _ReceiveAPI:
         from .handlers import within
         return within(self._hub, async_fn)
 
-    # Transformations (see transforms.py): each returns a derived Relay.
+    # Transformations (see transforms.py): each returns a derived Relay that
+    # inherits this relay's capacity and mode unless given its own. They need
+    # a running event loop (each derived relay is fed by a task on it).
 
-    def filter(self, T, pred, on_error="close"):
+    def filter(self, T, pred, on_error="close", *, capacity=None, mode=None):
+        """A derived relay of the ``T`` messages for which ``pred(msg)`` is true.
+
+        ``pred`` may be sync or async. If it raises, ``RelayError(source="filter")``
+        is published here and the derived relay closes (``on_error="skip"``:
+        that message is dropped instead).
+        """
         from .transforms import derive
-        return derive(self._hub, "filter", T, pred, on_error=on_error)
+        return derive(self._hub, "filter", T, pred, on_error, capacity=capacity, mode=mode)
 
-    def map(self, T, fn, on_error="close"):
+    def map(self, T, fn, on_error="close", *, capacity=None, mode=None):
+        """A derived relay of ``fn(msg)`` for each ``T`` message (``None`` results too).
+
+        ``fn`` may be sync or async; its failures are handled as in ``filter``.
+        """
         from .transforms import derive
-        return derive(self._hub, "map", T, fn, on_error=on_error)
+        return derive(self._hub, "map", T, fn, on_error, capacity=capacity, mode=mode)
 
-    def filter_map(self, T, fn, on_error="close"):
+    def filter_map(self, T, fn, on_error="close", *, capacity=None, mode=None):
+        """Like ``map``, but a ``None`` result is dropped (``0`` and ``""`` are kept)."""
         from .transforms import derive
-        return derive(self._hub, "filter_map", T, fn, on_error=on_error)
+        return derive(self._hub, "filter_map", T, fn, on_error, capacity=capacity, mode=mode)
 
-    def only(self, T):
+    def only(self, T, *, capacity=None, mode=None):
+        """A derived relay of the ``T`` messages."""
         from .transforms import derive
-        return derive(self._hub, "only", T, None)
+        return derive(self._hub, "only", T, capacity=capacity, mode=mode)
 
-    def exclude(self, T):
+    def exclude(self, T, *, capacity=None, mode=None):
+        """A derived relay of every message that is not a ``T``."""
         from .transforms import derive
-        return derive(self._hub, "exclude", T, None)
+        return derive(self._hub, "exclude", T, capacity=capacity, mode=mode)
 
-    def split(self, T):
+    def split(self, T, *, capacity=None, mode=None):
         """``(only(T), exclude(T))``."""
-        return self.only(T), self.exclude(T)
+        return (self.only(T, capacity=capacity, mode=mode),
+                self.exclude(T, capacity=capacity, mode=mode))
 
-    def batch(self, T, size, timeout=None, on_error="close"):
+    def batch(self, T, size, timeout=None, on_error="close", *, capacity=None, mode=None):
+        """A derived relay of lists of up to ``size`` ``T`` messages.
+
+        With ``timeout`` (seconds) a partial list is sent once its first item
+        has waited that long; the last partial list is sent at close.
+        """
         from .transforms import batch
-        return batch(self._hub, T, size, timeout, on_error=on_error)
+        return batch(self._hub, T, size, timeout, on_error, capacity=capacity, mode=mode)
 
-    async def forward(self, target):
+    def forward(self, target):
+        """Copy every message into ``target`` (sender, weak sender or relay).
+
+        Wired at the call; returns the running ``asyncio.Task``, which ends when
+        this relay has closed and was drained, or when ``target`` closes.
+        Never closes ``target``; never delivers a message into the relay it
+        entered at (so ``a->b`` plus ``b->a`` does not loop); untracked.
+        """
         from .transforms import forward
-        await forward(self._hub, target)
+        return forward(self._hub, target)
 
 
 class RelaySender(_SendAPI, _CloseAPI):

@@ -98,13 +98,17 @@ class Subscription:
     and releases its claim on the buffer.
     """
 
-    __slots__ = ("_reader", "_relay_id", "_envelopes", "_waiters", "__weakref__")
+    __slots__ = ("_reader", "_relay_id", "_envelopes", "_waiters", "_on_close",
+                 "__weakref__")
 
-    def __init__(self, ring, types, envelopes):
+    def __init__(self, ring, types, envelopes, on_close=None):
         self._reader = ring.reader(types, False)
         self._relay_id = ring.relay_id
         self._envelopes = bool(envelopes)
         self._waiters = Waiters(self._reader)
+        # Called once after the reader closes (a derived relay that nothing
+        # references any more stops when its last reader goes).
+        self._on_close = on_close
 
     # -- receiving ------------------------------------------------------------
 
@@ -204,8 +208,11 @@ class Subscription:
 
     def close(self):
         """Unsubscribe. Idempotent. Tasks waiting in ``recv`` get ``RelayClosed``."""
+        was_open = not self._reader.closed
         self._reader.close()
         self._waiters.wake()
+        if was_open and self._on_close is not None:
+            self._on_close()
 
     def __enter__(self):
         return self
@@ -226,6 +233,9 @@ class Subscription:
             return
         if not reader.closed:
             reader.close()
+            on_close = getattr(self, "_on_close", None)
+            if on_close is not None:
+                on_close()
 
     def __repr__(self):
         reader = self._reader
