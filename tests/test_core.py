@@ -193,6 +193,44 @@ def test_origin(core):
     assert [(v, o) for v, _, o in drain(r, core)] == [("a", 7), ("b", 3), ("c", 7), ("d", 7)]
 
 
+def test_origin_any_object(core):
+    ring = core.Ring(8, relay_id="here")
+    r = ring.reader()
+    ring.write(1, "there")
+    ring.write(2, None)
+    ring.write(3, "")
+    assert [o for _, _, o in drain(r, core)] == ["there", "here", "here"]
+
+
+def test_registration_reentered_from_user_code(core):
+    ring = core.Ring(8)
+    created = []
+    armed = []
+
+    class Meta(type):
+        def __subclasscheck__(cls, sub):
+            if armed and not created:
+                created.append(ring.reader())      # joins mid-registration
+                ring.write(b"bytes")               # registers a type mid-registration
+            return False
+
+    class Filter(metaclass=Meta):
+        pass
+
+    ring.write(0.5)
+    filtered = ring.reader(Filter)
+    armed.append(True)
+    assert ring.write(1) == 3           # int registered while a reader joined
+    joined = created[0]
+    assert values(joined, core) == [b"bytes", 1]
+    late = ring.reader(Filter)
+    ring.write(2)
+    ring.write(b"more")
+    assert values(joined, core) == [2, b"more"]
+    assert values(filtered, core) == [] and values(late, core) == []
+    assert ring.tracked_for(3) == 0
+
+
 @pytest.mark.parametrize("capacity, exc", [
     (0, ValueError), (-1, ValueError), (1 << 32, ValueError),
     (1.5, TypeError), ("8", TypeError), (True, TypeError), (None, TypeError),

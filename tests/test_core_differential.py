@@ -221,6 +221,6 @@ class CoreDiff(RuleBasedStateMachine):
 
 
 CoreDiff.TestCase.settings = settings(
-    max_examples=400, stateful_step_count=40, deadline=None,
+    max_examples=300, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestCoreDifferential = CoreDiff.TestCase

@@ -1089,17 +1089,6 @@ def test_a_lagging_tracked_handler_never_makes_sends_hang():
         await started.wait()                # 0 is in flight, off the ring
         rest = [tx.send(i) for i in range(1, 20)]
         gate.set()
-        try:
-            await asyncio.wait_for(asyncio.gather(first, *rest), 2)
-        except asyncio.TimeoutError:
-            ring = tx._hub.ring
-            h = list(tx._hub.handlers)[0]
-            raise AssertionError("HANG seen=%s pending=%s stuck=%s ring=%r tail=%s head=%s slots=%s rd=%r cursor=%s busy=%s fut=%s task=%s" % (
-                seen, h._reader.pending,
-                [(s.msg_id, s._completion.remaining) for s in [first]+rest if s._completion.remaining],
-                ring, getattr(ring, '_tail', None), getattr(ring, '_head', None),
-                {k: (v.remaining, v.completion) for k, v in getattr(ring, '_slots', {}).items()},
-                h._reader, getattr(h._reader, '_cursor', None), h._busy, h._wake_fut, h._task))
         ids = [await first] + [await s for s in rest]
         assert len(ids) == 20
         assert seen == [0, 16, 17, 18, 19]

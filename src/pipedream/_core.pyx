@@ -435,14 +435,16 @@ cdef class Ring:
                         # flag: start again.
                         if self._reader_gen != gen:
                             status = -3
+                        elif c_list_append(<PyObject*>self._key_types, <PyObject*>tp) < 0:
+                            c_err_clear()
+                            status = -1
                         else:
                             status = self._add_key(snap, flags, n)
-                            if status >= 0 and c_list_append(<PyObject*>self._key_types,
-                                                             <PyObject*>tp) < 0:
-                                # Cannot happen in practice (the list was
-                                # reserved by _add_key); keep the two in step.
-                                c_err_clear()
-                                status = -1
+                            if status < 0:
+                                # Keep _key_types in step with the key table.
+                                # The caller holds tp: this frees nothing.
+                                c_list_set_slice(<PyObject*>self._key_types,
+                                                 self._n_keys, self._n_keys + 1, NULL)
                 finally:
                     for i in range(n):
                         c_decref(snap[i])

@@ -37,6 +37,7 @@ __all__ = ["Handler", "register", "within", "drain"]
 _log = logging.getLogger("pipedream")
 _current_loop = asyncio._get_running_loop     # None outside a loop, never raises
 _current_task = asyncio.current_task
+_get_ident = threading.get_ident
 _CancelledError = asyncio.CancelledError
 
 #: A handler handles at most this many messages in a row before letting the
@@ -166,7 +167,7 @@ class Handler:
 
     __slots__ = ("_hub", "source", "_types", "_fn", "_sync", "_timeout", "_loop",
                  "_context", "_reader", "_waker", "_task", "_wake_fut", "_busy",
-                 "_in_call", "_cancel_is_close", "_current",
+                 "_in_call", "_cancel_is_close", "_current", "_loop_has_thread_id",
                  "_handoff", "_closed", "_ended", "_end_waiters", "_lock")
 
     def __init__(self, hub, source, types, fn, timeout, is_async, loop):
@@ -177,6 +178,11 @@ class Handler:
         self._sync = not is_async
         self._timeout = timeout
         self._loop = loop
+        # "Is the writer on this handler's loop, running now?" is asked on every
+        # wake-up. asyncio's own loops answer it with their _thread_id (set
+        # while run_forever runs, None otherwise) several times faster than
+        # asyncio._get_running_loop() does; other loops use the latter.
+        self._loop_has_thread_id = isinstance(loop, asyncio.BaseEventLoop)
         # Sync calls run in this context on both paths (task and inline), so
         # contextvars set when registering are visible to fn, and what fn sets
         # stays for its next call.
@@ -301,7 +307,9 @@ class Handler:
         ``_PARKED`` wakes the task to carry on.
         """
         if not in_task:
-            if self._busy or _current_loop() is not self._loop:
+            loop = self._loop
+            if self._busy or (loop._thread_id != _get_ident() if self._loop_has_thread_id
+                              else _current_loop() is not loop):
                 self._on_ready()
                 return None
             self._busy = True
@@ -318,18 +326,19 @@ class Handler:
                     status = _CLOSED
                     break
                 if value is not EMPTY:
-                    self._current = completion = reader.completion
-                    msg_id = reader.msg_id
+                    completion = reader.completion
+                    if completion is not None:
+                        self._current = completion
                     try:
                         result = run(fn, value)
                     except Exception as exc:
-                        self._failed(msg_id, value, exc)
+                        self._failed(reader.msg_id, value, exc)
                     except BaseException as exc:
-                        self._aborted(msg_id, exc)
+                        self._aborted(reader.msg_id, exc)
                         raise
                     else:
                         if result is not None and _isawaitable(result):
-                            self._handoff = (msg_id, value, result)
+                            self._handoff = (reader.msg_id, value, result)
                             status = _HANDOFF
                             break
                         # (close() during the call already released it)
