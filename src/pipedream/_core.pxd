@@ -10,7 +10,7 @@ backlog, never the capacity. Rare per-message data lives in side tables keyed
 by seq and flagged in the slot's key: the origin when it is not the ring's own
 relay id, and the ``Completion`` when tracked readers matched.
 
-Locking: ``Ring._lock`` (a ``cython.pymutex``) guards every field of the ring
+Locking: ``Ring._lock`` (a one-byte atomic spinlock, ``SpinLock``) guards every field of the ring
 and of its readers; ``_completion_lock`` in the .pyx guards Completions. Under
 either lock the core runs no Python code and starts no garbage collection:
 no allocation of a GC-tracked object, no reference dropped that could be the
@@ -33,7 +33,29 @@ cdef extern from *:
     #define PD_HAS_COMPLETION 0x40000000u
     #define PD_SIDE_FLAGS 0xC0000000u
     #define PD_DEFERRED_SMALL 16
+
+    /* A one-byte spinlock on GCC/Clang atomics. Critical sections are a few
+       hundred instructions of plain C at most and never block, so an
+       uncontended acquire is one atomic exchange; a contended one spins
+       briefly and then yields the CPU. */
+    #include <sched.h>
+    typedef struct { unsigned char held; } pd_spinlock;
+    static inline void pd_lock_acquire(pd_spinlock *l) {
+        unsigned spins = 0;
+        while (__atomic_exchange_n(&l->held, 1, __ATOMIC_ACQUIRE)) {
+            while (__atomic_load_n(&l->held, __ATOMIC_RELAXED)) {
+                if (++spins > 64) { sched_yield(); spins = 0; }
+            }
+        }
+    }
+    static inline void pd_lock_release(pd_spinlock *l) {
+        __atomic_store_n(&l->held, 0, __ATOMIC_RELEASE);
+    }
     """
+    ctypedef struct SpinLock "pd_spinlock":
+        unsigned char held
+    void lock_acquire "pd_lock_acquire"(SpinLock* lock) noexcept nogil
+    void lock_release "pd_lock_release"(SpinLock* lock) noexcept nogil
     # Slot storage: 256 slots (4 KiB) per chunk.
     const int CHUNK_SHIFT "PD_CHUNK_SHIFT"
     const int CHUNK_SLOTS "PD_CHUNK_SLOTS"
@@ -99,7 +121,7 @@ cdef class Completion:
 
 @cython.final
 cdef class Ring:
-    cdef cython.pymutex _lock
+    cdef SpinLock _lock
     cdef readonly uint64_t capacity
     cdef readonly bint reliable
     cdef readonly object relay_id

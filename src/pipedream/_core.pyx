@@ -79,7 +79,7 @@ cdef object _CLOSED = CLOSED
 # Guards every Completion's counter: completions are finished from whichever
 # thread runs the handler. Each critical section is a few instructions long,
 # so one lock for all of them is enough.
-cdef cython.pymutex _completion_lock
+cdef SpinLock _completion_lock
 
 # Proves that a Reader comes from Ring.reader(): a reader that is not
 # registered with its ring has no type flags and no cursor.
@@ -260,7 +260,8 @@ cdef class Completion:
     cdef int _finish(self, object error, Py_ssize_t n) except -1:
         # n handlers at once: an eviction finishes every tracked loser's share.
         cdef PyObject* callback = NULL
-        with _completion_lock:
+        lock_acquire(&_completion_lock)
+        try:
             if self.remaining <= 0 or n <= 0:
                 return 0
             if error is not None and self.error is None:
@@ -270,6 +271,8 @@ cdef class Completion:
                 callback = <PyObject*>self._callback
                 c_incref(callback)          # the field's reference moves to us
                 self._callback = None
+        finally:
+            lock_release(&_completion_lock)
         if callback != NULL:
             try:
                 (<object>callback)(self)
@@ -285,12 +288,15 @@ cdef class Completion:
         Returns False, without keeping ``callback``, if that already happened.
         """
         cdef PyObject* old
-        with _completion_lock:
+        lock_acquire(&_completion_lock)
+        try:
             if self.remaining <= 0:
                 return False
             old = <PyObject*>self._callback
             c_incref(old)                   # released after the lock
             self._callback = callback
+        finally:
+            lock_release(&_completion_lock)
         c_decref(old)
         return True
 
@@ -366,8 +372,11 @@ cdef class Ring:
     def buffered(self):
         """Number of slots in use (messages not yet read by every reader)."""
         cdef uint64_t n
-        with self._lock:
+        lock_acquire(&self._lock)
+        try:
             n = self._head - self._tail
+        finally:
+            lock_release(&self._lock)
         return n
 
     @property
@@ -381,8 +390,11 @@ cdef class Ring:
         """
         cdef uint32_t key = self._key_of(type(value))
         cdef uint32_t n
-        with self._lock:
+        lock_acquire(&self._lock)
+        try:
             n = self._tracked[key]
+        finally:
+            lock_release(&self._lock)
         return n
 
     # -- types ------------------------------------------------------------
@@ -412,7 +424,8 @@ cdef class Ring:
             while True:
                 # Snapshot the readers (C array: no allocation of a GC object
                 # under the lock).
-                with self._lock:
+                lock_acquire(&self._lock)
+                try:
                     gen = self._reader_gen
                     n = c_list_size(<PyObject*>self._readers)
                     snap = <PyObject**>c_malloc(n * sizeof(PyObject*) + 1)
@@ -420,6 +433,8 @@ cdef class Ring:
                         for i in range(n):
                             snap[i] = c_list_item(<PyObject*>self._readers, i)
                             c_incref(snap[i])
+                finally:
+                    lock_release(&self._lock)
                 if snap == NULL:
                     raise MemoryError()
                 try:
@@ -428,7 +443,8 @@ cdef class Ring:
                         raise MemoryError()
                     for i in range(n):
                         flags[i] = (<Reader>snap[i])._wants(tp)   # user code may run here
-                    with self._lock:
+                    lock_acquire(&self._lock)
+                    try:
                         # Readers only join under the registry lock, which is
                         # held: one can have joined only from the user code
                         # above, on this thread. It would miss this type's
@@ -445,6 +461,8 @@ cdef class Ring:
                                 # The caller holds tp: this frees nothing.
                                 c_list_set_slice(<PyObject*>self._key_types,
                                                  self._n_keys, self._n_keys + 1, NULL)
+                    finally:
+                        lock_release(&self._lock)
                 finally:
                     for i in range(n):
                         c_decref(snap[i])
@@ -534,7 +552,8 @@ cdef class Ring:
                         raise MemoryError()
                     r._flags[n] = flag
                     n += 1
-                with self._lock:
+                lock_acquire(&self._lock)
+                try:
                     if n != self._n_keys:
                         # A type registered from the user code above (this
                         # thread) still needs its flag: go round again.
@@ -553,6 +572,8 @@ cdef class Ring:
                                 self._match[key] += 1
                                 if r.tracked:
                                     self._tracked[key] += 1
+                finally:
+                    lock_release(&self._lock)
                 if status == 0:
                     break
                 if status < 0:
@@ -592,10 +613,13 @@ cdef class Ring:
         _deferred_init(&wake)
         ev.value = NULL
         ev.completion = NULL
-        with self._lock:
+        lock_acquire(&self._lock)
+        try:
             status = self._write(<PyObject*>value, key,
                                  NULL if stored_origin is None else <PyObject*>stored_origin,
                                  completion, &msg_id, &ev, &wake, &released)
+        finally:
+            lock_release(&self._lock)
         _release(&released)
         if status != 0:
             if status == 1:
@@ -850,7 +874,8 @@ cdef class Ring:
         cdef int status = 0
         _deferred_init(&released)
         _deferred_init(&wake)
-        with self._lock:
+        lock_acquire(&self._lock)
+        try:
             readers = <PyObject*>self._readers
             n = c_list_size(readers)
             for i in range(n):
@@ -860,6 +885,8 @@ cdef class Ring:
                         status = -1
             if self._n_parked:
                 self._take_wakers(key, &wake)
+        finally:
+            lock_release(&self._lock)
         _release(&released)
         _call_all(&wake)
         if status < 0:
@@ -870,7 +897,8 @@ cdef class Ring:
         cdef Deferred wake
         cdef PyObject* space = NULL
         _deferred_init(&wake)
-        with self._lock:
+        lock_acquire(&self._lock)
+        try:
             if not self.closed:
                 self.closed = True
                 self._take_wakers(-1, &wake)
@@ -878,6 +906,8 @@ cdef class Ring:
                     space = <PyObject*>self._space_waiter
                     c_incref(space)
                     self._space_waiter = None
+        finally:
+            lock_release(&self._lock)
         try:
             _call_all(&wake)
             if space != NULL:
@@ -896,13 +926,16 @@ cdef class Ring:
         cdef PyObject* old = NULL
         cdef bint kept = False
         _deferred_init(&released)
-        with self._lock:
+        lock_acquire(&self._lock)
+        try:
             self._advance_tail(&released)
             if not self.closed and self._head - self._tail >= self.capacity:
                 old = <PyObject*>self._space_waiter
                 c_incref(old)               # released after the lock
                 self._space_waiter = callback
                 kept = True
+        finally:
+            lock_release(&self._lock)
         _release(&released)
         c_xdecref(old)
         return kept
@@ -1080,8 +1113,11 @@ cdef class Reader:
         cdef Ring ring = self._ring
         cdef uint32_t key = ring._key_of(type(value))
         cdef bint found
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             found = key < <uint64_t>self._n_flags and self._flags[key]
+        finally:
+            lock_release(&ring._lock)
         return found
 
     # -- under the ring lock ------------------------------------------------
@@ -1144,7 +1180,8 @@ cdef class Reader:
         cdef PyObject* space = NULL
         cdef int got
         _deferred_init(&released)
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             if self.closed:
                 got = -1
             elif _take(self, ring, &t, &released):
@@ -1155,6 +1192,8 @@ cdef class Reader:
                 got = -1
             else:
                 got = 0
+        finally:
+            lock_release(&ring._lock)
         _release(&released)
         if got <= 0:
             return _CLOSED if got else _EMPTY
@@ -1182,7 +1221,8 @@ cdef class Reader:
         cdef Py_ssize_t got = 0
         cdef bint closed = False
         _deferred_init(&released)
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             if self.closed:
                 closed = True
             else:
@@ -1199,6 +1239,8 @@ cdef class Reader:
                     space = ring._take_space_waiter(&released)
                 else:
                     closed = ring.closed
+        finally:
+            lock_release(&ring._lock)
         _release(&released)
         if not got:
             return _CLOSED if closed else _EMPTY
@@ -1222,7 +1264,8 @@ cdef class Reader:
         cdef Ring ring = self._ring
         cdef PyObject* old = NULL
         cdef bint parked = False
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             if not self._ready():
                 parked = True
                 if self._waker is None:
@@ -1231,6 +1274,8 @@ cdef class Reader:
                     old = <PyObject*>self._waker
                     c_incref(old)           # released after the lock
                 self._waker = waker
+        finally:
+            lock_release(&ring._lock)
         c_xdecref(old)
         return parked
 
@@ -1238,12 +1283,15 @@ cdef class Reader:
         """Forget the waker given to ``park`` (if it was not called yet)."""
         cdef Ring ring = self._ring
         cdef PyObject* old = NULL
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             if self._waker is not None:
                 old = <PyObject*>self._waker
                 c_incref(old)
                 self._waker = None
                 ring._n_parked -= 1
+        finally:
+            lock_release(&ring._lock)
         c_xdecref(old)
 
     def headroom(self):
@@ -1256,11 +1304,14 @@ cdef class Reader:
         """
         cdef Ring ring = self._ring
         cdef uint64_t room
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             if self.closed:
                 room = ring.capacity
             else:
                 room = ring.capacity - (ring._head - _seek(self, ring))
+        finally:
+            lock_release(&ring._lock)
         return room
 
     @property
@@ -1269,7 +1320,8 @@ cdef class Reader:
         cdef Ring ring = self._ring
         cdef uint64_t count = 0
         cdef uint64_t seq
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             if not self.closed:
                 count = self._nq_len
                 seq = self._cursor if self._cursor > ring._tail else ring._tail
@@ -1277,6 +1329,8 @@ cdef class Reader:
                     if self._flags[_slot_at(ring, seq).key & KEY_MASK]:
                         count += 1
                     seq += 1
+        finally:
+            lock_release(&ring._lock)
         return count
 
     def close(self):
@@ -1291,9 +1345,12 @@ cdef class Reader:
         cdef PyObject* space = NULL
         cdef int status = 0
         _deferred_init(&released)
-        with ring._lock:
+        lock_acquire(&ring._lock)
+        try:
             if not self.closed:
                 status = self._close(owed, &released, &space)
+        finally:
+            lock_release(&ring._lock)
         _release(&released)
         try:
             if space != NULL:
