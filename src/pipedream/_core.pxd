@@ -196,6 +196,7 @@ cdef class Reader:
     cdef Py_ssize_t _nq_len
     cdef object __weakref__
 
+    cpdef object pop(self)
     cdef bint _wants(self, object tp) except -1
     cdef int _reserve_flags(self, Py_ssize_t n) noexcept
     cdef bint _ready(self) noexcept

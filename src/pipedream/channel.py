@@ -263,7 +263,12 @@ class _SendAPI:
         Safe from any thread. Raises ``RelayClosed`` after close and, in
         reliable mode when the ring is full, ``RelayFull`` (nothing written).
         """
-        return self._hub.write(value)
+        hub = self._hub
+        if hub.space is None:       # observable: straight to the ring (hot path)
+            msg_id = hub.ring.write(value, 0, None)
+            if msg_id > 0:
+                return msg_id
+        return hub.write(value)     # reliable, or closed: Hub.write decides/raises
 
     def send_threadsafe(self, value):
         """Send ``value`` from any thread; return a ``concurrent.futures.Future``.

@@ -6,11 +6,15 @@ parks a task when nothing is buffered and wakes it when something is.
 
 import asyncio
 
+from . import _backend
 from ._sentinels import CLOSED, EMPTY
 from .errors import Empty, RelayClosed
 from .events import Envelope
 
 __all__ = ["Subscription", "Waiters", "check_count"]
+
+# With the Cython core built, __anext__ is its compiled twin of the method below.
+_compiled_next = getattr(_backend.core, "subscription_next", None)
 
 _get_running_loop = asyncio.get_running_loop
 _current_loop = asyncio._get_running_loop   # None outside a loop, never raises
@@ -56,10 +60,13 @@ class Waiters:
         try:
             if self._reader.park(self.wake):
                 await fut
-        finally:
+        except BaseException:       # cancelled: take back the waker if unused
             self._futures.remove(fut)
             if not self._futures:
                 self._reader.unpark()
+            raise
+        # Woken (the core dropped the waker when it called it) or not parked.
+        self._futures.remove(fut)
 
     def wake(self):
         # Called by the core after a write, a notice or a close, possibly from
@@ -188,6 +195,9 @@ class Subscription:
         if value is CLOSED:
             raise StopAsyncIteration
         return self._wrap(value) if self._envelopes else value
+
+    if _compiled_next is not None:
+        __anext__ = _compiled_next      # the same loop, compiled (see _core.pyx)
 
     # -- state ----------------------------------------------------------------
 
