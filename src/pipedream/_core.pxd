@@ -20,7 +20,7 @@ released after unlocking; callbacks are called after unlocking.
 
 cimport cython
 from cpython.object cimport PyObject
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 
 cdef extern from *:
@@ -154,6 +154,7 @@ cdef class Ring:
     cdef Py_ssize_t _n_parked   # readers holding a waker
     cdef object __weakref__
 
+    cdef int64_t _put(self, object value, object origin, Completion completion) except? -2
     cdef uint32_t _key_of(self, object tp) except? 0xFFFFFFFF
     cdef uint32_t _register(self, object tp) except? 0xFFFFFFFF
     cdef int _add_key(self, PyObject** snap, uint8_t* flags, Py_ssize_t n) noexcept

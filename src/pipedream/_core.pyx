@@ -27,12 +27,13 @@ raises ``Exception`` is logged (logger ``pipedream``), like in the twin.
 cimport cython
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 
 import logging
 import threading
 
 from ._sentinels import CLOSED, EMPTY
+from .errors import RelayClosed, RelayFull
 
 __all__ = ["Ring", "Reader", "Completion", "EMPTY", "CLOSED",
            "WRITE_CLOSED", "WRITE_FULL", "check_capacity"]
@@ -73,8 +74,12 @@ cdef extern from "Python.h":
 
 
 #: ``Ring.write`` results that are not message ids.
-WRITE_CLOSED = 0
-WRITE_FULL = -1
+cdef enum:
+    C_WRITE_CLOSED = 0
+    C_WRITE_FULL = -1
+
+WRITE_CLOSED = C_WRITE_CLOSED
+WRITE_FULL = C_WRITE_FULL
 
 cdef object _EMPTY = EMPTY
 cdef object _CLOSED = CLOSED
@@ -605,6 +610,20 @@ cdef class Ring:
         tracked readers that matched; it is attached to the message when that
         number is not zero.
         """
+        return self._put(value, origin, completion)
+
+    def send_nowait(self, value):
+        """``write(value)`` for senders: the msg id, or ``RelayClosed`` /
+        ``RelayFull`` raised (nothing written)."""
+        cdef int64_t msg_id = self._put(value, 0, None)
+        if msg_id > 0:
+            return msg_id
+        if msg_id == C_WRITE_FULL:
+            raise RelayFull("relay %s is full (reliable mode, capacity %d)"
+                            % (self.relay_id, self.capacity))
+        raise RelayClosed("relay %s is closed" % self.relay_id)
+
+    cdef int64_t _put(self, object value, object origin, Completion completion) except? -2:
         cdef uint32_t key = self._key_of(type(value))
         cdef object stored_origin = self._origin_entry(origin)
         cdef Deferred released
@@ -626,16 +645,16 @@ cdef class Ring:
         _release(&released)
         if status != 0:
             if status == 1:
-                return 0            # WRITE_CLOSED
+                return C_WRITE_CLOSED
             if status == 2:
-                return -1           # WRITE_FULL
+                return C_WRITE_FULL
             raise MemoryError()
         try:
             if ev.value != NULL:
                 self._report_eviction(&ev)
         finally:
             _call_all(&wake)
-        return msg_id
+        return <int64_t>msg_id
 
     cdef int _write(self, PyObject* value, uint32_t key, PyObject* origin,
                     Completion completion, uint64_t* msg_id, Evicted* ev,

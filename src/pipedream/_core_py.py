@@ -42,6 +42,7 @@ import threading
 from collections import deque
 
 from ._sentinels import CLOSED, EMPTY
+from .errors import RelayClosed, RelayFull
 
 __all__ = ["Ring", "Reader", "Completion", "EMPTY", "CLOSED",
            "WRITE_CLOSED", "WRITE_FULL", "check_capacity"]
@@ -328,6 +329,17 @@ class Ring:
         for waker in wakers:
             _call(waker)
         return seq + 1
+
+    def send_nowait(self, value):
+        """``write(value)`` for senders: the msg id, or ``RelayClosed`` /
+        ``RelayFull`` raised (nothing written)."""
+        msg_id = self.write(value, 0, None)
+        if msg_id > 0:
+            return msg_id
+        if msg_id == WRITE_FULL:
+            raise RelayFull("relay %s is full (reliable mode, capacity %d)"
+                            % (self.relay_id, self.capacity))
+        raise RelayClosed("relay %s is closed" % self.relay_id)
 
     def _advance_tail(self, released):
         # Released slots go to ``released``: a slot may hold the last

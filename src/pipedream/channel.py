@@ -240,10 +240,26 @@ class Sent:
         return "<Sent msg_id=%d>" % self.msg_id
 
 
+_SEND_NOWAIT_DOC = """send_nowait(value): write ``value`` now and return its msg id.
+
+Never waits for handlers (they still get the message). Safe from any
+thread. Raises ``RelayClosed`` after close and, in reliable mode when the
+ring is full or sends are queued for room, ``RelayFull`` (nothing written).
+"""
+
+
 class _SendAPI:
     """Sending, shared by ``RelaySender``, ``WeakSender`` and ``Relay``."""
 
-    __slots__ = ()
+    # send_nowait is the hottest call of the library, so it is an instance
+    # attribute bound straight to the core's Ring.send_nowait when nothing can
+    # queue (observable mode): no Python frame per message. Reliable relays
+    # bind Hub.write, which keeps the queue of sends waiting for room in order.
+    __slots__ = {"_hub": "the relay's Hub", "send_nowait": _SEND_NOWAIT_DOC}
+
+    def __init__(self, hub):
+        self._hub = hub
+        self.send_nowait = hub.ring.send_nowait if hub.space is None else hub.write
 
     def send(self, value):
         """Send ``value`` (any object, ``None`` included); ``await`` it for the id.
@@ -256,19 +272,6 @@ class _SendAPI:
         call if the relay is closed.
         """
         return self._hub.send(value)
-
-    def send_nowait(self, value):
-        """Write ``value`` now and return its msg id; never waits for handlers.
-
-        Safe from any thread. Raises ``RelayClosed`` after close and, in
-        reliable mode when the ring is full, ``RelayFull`` (nothing written).
-        """
-        hub = self._hub
-        if hub.space is None:       # observable: straight to the ring (hot path)
-            msg_id = hub.ring.write(value, 0, None)
-            if msg_id > 0:
-                return msg_id
-        return hub.write(value)     # reliable, or closed: Hub.write decides/raises
 
     def send_threadsafe(self, value):
         """Send ``value`` from any thread; return a ``concurrent.futures.Future``.
@@ -464,10 +467,7 @@ class RelaySender(_SendAPI, _CloseAPI):
     ``weak()`` for more senders.
     """
 
-    __slots__ = ("_hub", "__weakref__")
-
-    def __init__(self, hub):
-        self._hub = hub
+    __slots__ = ("__weakref__",)
 
     def __del__(self):
         hub = getattr(self, "_hub", None)
@@ -484,10 +484,7 @@ class WeakSender(_SendAPI):
     Once the owner closes the relay, sends raise ``RelayClosed``.
     """
 
-    __slots__ = ("_hub",)
-
-    def __init__(self, hub):
-        self._hub = hub
+    __slots__ = ()
 
     def __repr__(self):
         return "<WeakSender relay=%d%s>" % (self._hub.id, " closed" if self.closed else "")
@@ -519,10 +516,10 @@ class Relay(_SendAPI, _CloseAPI, _ReceiveAPI):
     garbage-collected with nothing subscribed to it.
     """
 
-    __slots__ = ("_hub", "__weakref__")
+    __slots__ = ("__weakref__",)
 
     def __init__(self, capacity=65536, mode="observable", *, _hub=None):
-        self._hub = _hub if _hub is not None else Hub(capacity, mode)
+        super().__init__(_hub if _hub is not None else Hub(capacity, mode))
 
     @classmethod
     def channel(cls, capacity=65536, mode="observable"):
