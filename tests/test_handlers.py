@@ -18,7 +18,7 @@ import pytest
 from conftest import run
 from pipedream import Dropped, HandlerDetached, Relay, RelayClosed, RelayError
 from pipedream import handlers as handlers_module
-from pipedream.handlers import Handler
+from pipedream import Handler
 
 pytestmark = pytest.mark.usefixtures("relay_core")
 
@@ -739,7 +739,7 @@ def test_a_closed_handler_loop_never_makes_sends_hang(caplog):
 
     async def register():
         return rx.sink(int, seen.append)
-    handler = loop.run_until_complete(register())
+    handler = loop.run_until_complete(asyncio.wait_for(register(), 10))
     loop.close()                    # its task never ran; nothing will run there again
 
     async def main():
@@ -867,6 +867,37 @@ def test_inline_path_runs_in_the_senders_call():
     run(main())
 
 
+def test_inline_path_with_a_loop_that_is_not_an_asyncio_base_loop():
+    async def main():
+        tx, rx = Relay.channel()
+        where = []
+        handler = rx.sink(int, lambda x: where.append(asyncio.current_task()))
+        handler._loop_has_thread_id = False     # as for a third-party loop
+        await tx.send(1)
+        assert where == [asyncio.current_task()]
+    run(main())
+
+
+def test_a_send_on_the_handler_thread_with_its_loop_stopped_waits_for_the_loop():
+    tx, rx = Relay.channel()
+    loop = asyncio.new_event_loop()
+    seen = []
+
+    async def register():
+        return rx.sink(int, seen.append)
+    try:
+        handler = loop.run_until_complete(asyncio.wait_for(register(), 10))
+        tx.send_nowait(1)       # same thread, loop not running: not run here
+        assert seen == []
+        loop.run_until_complete(asyncio.wait_for(until(lambda: seen), 10))
+        assert seen == [1]
+        tx.close()
+        loop.run_until_complete(asyncio.wait_for(until(lambda: handler.closed), 10))
+    finally:
+        tx.close()
+        loop.close()
+
+
 def test_task_path_for_sends_from_another_thread():
     async def main():
         tx, rx = Relay.channel()
@@ -875,8 +906,10 @@ def test_task_path_for_sends_from_another_thread():
         loop = asyncio.get_running_loop()
         handler = rx.sink(int, lambda x: (where.append((x, asyncio.current_task())),
                                           x == 2 and loop.call_soon(done.set)))
-        threading.Thread(target=lambda: [tx.send_nowait(i) for i in (1, 2)]).start()
+        thread = threading.Thread(target=lambda: [tx.send_nowait(i) for i in (1, 2)])
+        thread.start()
         await done.wait()
+        thread.join()
         task = handler_task(tx, handler)
         assert [x for x, _ in where] == [1, 2]
         assert all(t is task for _, t in where)
@@ -1151,6 +1184,25 @@ def test_aclose_does_not_wait_for_detached_handlers():
         await started.wait()
         handler.close()
         await tx.aclose()
+    run(main())
+
+
+def test_a_handler_may_aclose_its_own_relay():
+    async def main():
+        tx, rx = Relay.channel()
+        seen, others = [], []
+
+        async def closer(x):
+            seen.append(x)
+            if x == 1:
+                await tx.aclose()       # does not wait for this very call
+        handler = rx.sink(int, closer)
+        rx.tap(int, others.append)
+        tx.send_nowait(1)
+        tx.send_nowait(2)               # sent before the close: still handled
+        await until(lambda: handler.closed)
+        assert seen == [1, 2] and others == [1, 2]
+        assert tx.closed and tx.handler_count == 0
     run(main())
 
 

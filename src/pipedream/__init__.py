@@ -12,13 +12,14 @@ from ._backend import core_name
 from .channel import Relay, RelayReceiver, RelaySender, WeakSender
 from .errors import Empty, HandlerDetached, RelayClosed, RelayError, RelayFull, SendError
 from .events import DeliveryMode, Dropped, Envelope
+from .handlers import Handler
 from .subscription import Subscription
 from .transforms import merge
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Relay", "RelaySender", "WeakSender", "RelayReceiver", "Subscription",
+    "Relay", "RelaySender", "WeakSender", "RelayReceiver", "Subscription", "Handler",
     "Dropped", "Envelope", "DeliveryMode", "merge",
     "SendError", "RelayClosed", "RelayFull", "RelayError", "Empty", "HandlerDetached",
     "core_name",

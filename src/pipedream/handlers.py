@@ -49,8 +49,7 @@ _RUN_LIMIT = 64
 _PARKED, _CLOSED, _HANDOFF, _LIMIT = "parked", "closed", "handoff", "limit"
 
 
-def _isawaitable(value):
-    return inspect.isawaitable(value)
+_isawaitable = inspect.isawaitable
 
 
 def _is_async(fn):
@@ -160,15 +159,19 @@ class Handler:
     It runs ``fn`` for every message of its type sent after it was created,
     one at a time, in send order, on the loop that was running when it was
     registered; each ``send()`` that counted it waits until ``fn`` returned
-    (or its awaitable finished). The relay holds it strongly: dropping this
-    object does not detach it; ``close()`` does, and so does the relay closing
-    (after the handler has drained what it was sent).
+    (or its awaitable finished). A plain function that returns an awaitable
+    has it awaited (by the handler's task) as part of the same message.
+    ``fn`` runs in a copy of the context of the registration: contextvars set
+    before ``sink()``/``tap()`` are visible to it, and what it sets stays for
+    its next call (not for the sender). The relay holds the handler strongly:
+    dropping this object does not detach it; ``close()`` does, and so does
+    the relay closing (after the handler has drained what it was sent).
     """
 
     __slots__ = ("_hub", "source", "_types", "_fn", "_sync", "_timeout", "_loop",
-                 "_context", "_reader", "_waker", "_task", "_wake_fut", "_busy",
-                 "_in_call", "_cancel_is_close", "_current", "_loop_has_thread_id",
-                 "_handoff", "_closed", "_ended", "_end_waiters", "_lock")
+                 "_loop_has_thread_id", "_context", "_run_in_context", "_reader",
+                 "_waker", "_task", "_wake_fut", "_busy", "_in_call", "_cancel_is_close",
+                 "_current", "_handoff", "_closed", "_ended", "_end_waiters", "_lock")
 
     def __init__(self, hub, source, types, fn, timeout, is_async, loop):
         self._hub = hub
@@ -187,6 +190,7 @@ class Handler:
         # contextvars set when registering are visible to fn, and what fn sets
         # stays for its next call.
         self._context = contextvars.copy_context()
+        self._run_in_context = self._context.run
         self._reader = None
         # What the core calls when something is ready for the parked reader.
         self._waker = self._on_ready if is_async else self._run_sync
@@ -314,7 +318,7 @@ class Handler:
                 return None
             self._busy = True
         reader = self._reader
-        run = self._context.run
+        run = self._run_in_context
         fn = self._fn
         left = _RUN_LIMIT
         status = _LIMIT
@@ -685,14 +689,20 @@ async def drain(hub):
 
     Called by ``aclose()`` after closing. Detached handlers are not waited
     for; a failed handler keeps draining, so failures do not delay this.
+    A handler that calls it (an async ``fn`` awaiting ``aclose()``) is not
+    waited for either: it can only end after that call returns.
     Cancelling it only stops the waiting.
     """
     loop = asyncio.get_running_loop()
+    me = _current_task()
     awaited = {}
     while True:
         pending = []
         for h in list(_hubs(hub)):
+            caller = h.tasks.get(me)
             for handler in list(h.handlers):
+                if handler is caller:
+                    continue
                 fut = handler._ended_future(loop)
                 if fut is not None:
                     pending.append(fut)
