@@ -114,7 +114,9 @@ cdef class Completion:
     cdef readonly uint64_t msg_id
     cdef readonly Py_ssize_t remaining
     cdef readonly object error
+    cdef readonly object value      # the message, kept only while tracked
     cdef object _callback
+    cdef object _waiter             # the ring's waiter, for __await__
 
     cdef int _finish(self, object error, Py_ssize_t n) except -1
 
@@ -129,6 +131,7 @@ cdef class Ring:
     cdef readonly uint64_t dropped
     cdef object _on_drop
     cdef object _space_waiter
+    cdef public object waiter   # waiter(completion) -> awaitable: see Completion
 
     # Type registry. Changed under _registry (a threading.RLock, held while
     # issubclass runs user code), committed under _lock.

@@ -261,6 +261,18 @@ cdef class Completion:
     def done(self):
         return self.remaining == 0
 
+    def __await__(self):
+        """What ``send()`` returns is the message's Completion: awaiting it
+        gives the msg id once every tracked handler counted for the message
+        has finished it, or raises the first error reported. With nothing to
+        wait for it completes without suspending. The waiting itself is the
+        ring's ``waiter`` (given by the asyncio layer): no asyncio here."""
+        if self.remaining:
+            yield from self._waiter(self).__await__()
+        if self.error is not None:
+            raise self.error
+        return self.msg_id
+
     def finish(self, error=None):
         """One tracked handler is done with the message (``error`` if it failed)."""
         self._finish(error, 1)
@@ -339,6 +351,7 @@ cdef class Ring:
         self.reliable = bool(reliable)
         self.relay_id = relay_id
         self._on_drop = on_drop
+        self.waiter = None
         self._registry = threading.RLock()
         self._keys = {}
         self._key_types = []
@@ -649,6 +662,10 @@ cdef class Ring:
             if status == 2:
                 return C_WRITE_FULL
             raise MemoryError()
+        if completion is not None and completion.remaining:
+            # What awaiting the send needs if it has to wait (see Completion).
+            completion.value = value
+            completion._waiter = self.waiter
         try:
             if ev.value != NULL:
                 self._report_eviction(&ev)

@@ -97,17 +97,31 @@ class Completion:
     the thread that finished last (an exception from it is logged).
     """
 
-    __slots__ = ("msg_id", "remaining", "error", "_callback")
+    __slots__ = ("msg_id", "remaining", "error", "value", "_callback", "_waiter")
 
     def __init__(self):
         self.msg_id = 0
         self.remaining = 0
         self.error = None
+        self.value = None       # the message, kept only while tracked
         self._callback = None
+        self._waiter = None     # the ring's waiter, for __await__
 
     @property
     def done(self):
         return self.remaining == 0
+
+    def __await__(self):
+        """What ``send()`` returns is the message's Completion: awaiting it
+        gives the msg id once every tracked handler counted for the message
+        has finished it, or raises the first error reported. With nothing to
+        wait for it completes without suspending. The waiting itself is the
+        ring's ``waiter`` (given by the asyncio layer): no asyncio here."""
+        if self.remaining:
+            yield from self._waiter(self).__await__()
+        if self.error is not None:
+            raise self.error
+        return self.msg_id
 
     def finish(self, error=None):
         """One tracked handler is done with the message (``error`` if it failed)."""
@@ -169,6 +183,9 @@ class Ring:
         self.closed = False
         self.dropped = 0
         self._on_drop = on_drop
+        #: waiter(completion) -> awaitable: how a Completion awaits its
+        #: handlers (set by the asyncio layer; see Completion.__await__).
+        self.waiter = None
         self._lock = threading.Lock()
         # Serializes changes to the type table and the reader list; held while
         # user code (issubclass) runs, so it is reentrant and never taken
@@ -324,6 +341,10 @@ class Ring:
             if self._n_parked:
                 self._take_wakers(key, wakers)
         del released
+        if completion is not None and completion.remaining:
+            # What awaiting the send needs if it has to wait (see Completion).
+            completion.value = value
+            completion._waiter = self.waiter
         if evicted:
             self._report_eviction(*evicted)
         for waker in wakers:

@@ -46,6 +46,7 @@ class Hub:
         self.core = _backend.core
         self.ring = self.core.Ring(capacity, self.mode is DeliveryMode.RELIABLE,
                                    self.id, self._on_drop)
+        self.ring.waiter = self.wait_for_handlers
         self.capacity = capacity
         # Reliable mode: the FIFO of writes waiting for room (see reliable.py).
         self.space = None
@@ -128,10 +129,10 @@ class Hub:
         space = self.space
         if space is not None and space.queue:
             return space.send(value, origin)    # behind earlier sends, in order
-        completion = self.core.Completion() if self.handlers else None
+        completion = self.core.Completion()
         msg_id = self.ring.write(value, origin, completion)
         if msg_id > 0:
-            return Sent(self, msg_id, completion, value)
+            return completion       # awaitable: see Completion.__await__
         if msg_id == self.core.WRITE_FULL:
             return space.send(value, origin)
         raise RelayClosed("relay %d is closed" % self.id)
@@ -164,6 +165,22 @@ class Hub:
         """
         if self.space is not None:
             await self.space.room()
+
+    async def wait_for_handlers(self, completion):
+        """The ring's ``waiter``: how awaiting ``send()`` waits for the tracked
+        handlers still owing ``completion`` (see ``Completion.__await__``).
+
+        Raises the deadlock guard's ``RelayError`` at once when the awaiting
+        task is a handler that would itself have to handle the message.
+        Cancelling only stops the waiting.
+        """
+        error = self.self_send_error(completion)
+        if error is not None:
+            raise error
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if completion.when_done(_resolver(loop, fut)):
+            await fut
 
     def self_send_error(self, sent):
         """The deadlock guard: a ``RelayError`` if the awaiting task is a tracked
@@ -200,45 +217,15 @@ def _set_result(fut):
         fut.set_result(None)
 
 
-class Sent:
-    """What ``send()`` returns: the message is already written.
+_SEND_DOC = """send(value): send ``value`` (any object, ``None`` included); ``await`` it for the id.
 
-    Awaiting it waits until every tracked handler that counted the message has
-    finished it, then returns the msg id or raises the first ``RelayError``.
-    With no tracked handler it completes without yielding to the loop.
-    Cancelling the await only stops the waiting.
-    """
-
-    __slots__ = ("_hub", "msg_id", "_completion", "value")
-
-    def __init__(self, hub, msg_id, completion, value):
-        self._hub = hub
-        self.msg_id = msg_id
-        self._completion = completion
-        self.value = value
-
-    def __await__(self):
-        completion = self._completion
-        if completion is not None:
-            if completion.remaining:
-                yield from self._wait().__await__()
-            if completion.error is not None:
-                raise completion.error
-        return self.msg_id
-
-    async def _wait(self):
-        completion = self._completion
-        error = self._hub.self_send_error(self)
-        if error is not None:
-            raise error
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        if completion.when_done(_resolver(loop, fut)):
-            await fut
-
-    def __repr__(self):
-        return "<Sent msg_id=%d>" % self.msg_id
-
+Eager: the message is written when ``send()`` is called (in reliable mode
+with a full ring it is queued in order for room), so a forgotten ``await``
+still delivers it. Awaiting returns the msg id once every tracked handler
+(sink, tap) of a matching type has finished it, or raises ``RelayError``
+(first failure). With no tracked handler to wait for, the await completes
+without suspending. Raises ``RelayClosed`` at the call if the relay is closed.
+"""
 
 _SEND_NOWAIT_DOC = """send_nowait(value): write ``value`` now and return its msg id.
 
@@ -251,27 +238,18 @@ ring is full or sends are queued for room, ``RelayFull`` (nothing written).
 class _SendAPI:
     """Sending, shared by ``RelaySender``, ``WeakSender`` and ``Relay``."""
 
-    # send_nowait is the hottest call of the library, so it is an instance
-    # attribute bound straight to the core's Ring.send_nowait when nothing can
-    # queue (observable mode): no Python frame per message. Reliable relays
-    # bind Hub.write, which keeps the queue of sends waiting for room in order.
-    __slots__ = {"_hub": "the relay's Hub", "send_nowait": _SEND_NOWAIT_DOC}
+    # send and send_nowait are the hottest calls of the library, so they are
+    # instance attributes bound to the code that does the work, saving a
+    # Python frame per message: send is Hub.send; send_nowait is the core's
+    # Ring.send_nowait when nothing can queue (observable mode), else
+    # Hub.write, which keeps the queue of sends waiting for room in order.
+    __slots__ = {"_hub": "the relay's Hub", "send": _SEND_DOC,
+                 "send_nowait": _SEND_NOWAIT_DOC}
 
     def __init__(self, hub):
         self._hub = hub
+        self.send = hub.send
         self.send_nowait = hub.ring.send_nowait if hub.space is None else hub.write
-
-    def send(self, value):
-        """Send ``value`` (any object, ``None`` included); ``await`` it for the id.
-
-        Eager: the message is written when ``send()`` is called (in reliable
-        mode with a full ring it is queued in order for room), so a forgotten
-        ``await`` still delivers it. Awaiting returns the msg id once every
-        tracked handler (sink, tap) of a matching type has finished it, or
-        raises ``RelayError`` (first failure). Raises ``RelayClosed`` at the
-        call if the relay is closed.
-        """
-        return self._hub.send(value)
 
     def send_threadsafe(self, value):
         """Send ``value`` from any thread; return a ``concurrent.futures.Future``.

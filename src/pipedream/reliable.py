@@ -335,8 +335,8 @@ class QueuedSend:
     The message is queued, in order, when ``send()`` returns; it is written
     when room frees even if nobody awaits this. Awaiting it waits for the
     write, then for the tracked handlers, and returns the msg id (as
-    ``Sent``). Raises ``RelayClosed`` if the relay closed first (nothing was
-    written), ``RelayError`` as ``Sent`` does, and ``RelayError`` at once if
+    an unqueued send). Raises ``RelayClosed`` if the relay closed first
+    (nothing was written), ``RelayError`` as an unqueued send does, and ``RelayError`` at once if
     the awaiting task is a tracked handler of this relay that the write would
     have to wait for (deadlock guard; the message stays queued). Cancelling the
     await while it waits for room takes the message out: nothing is written.
@@ -368,9 +368,9 @@ class QueuedSend:
             yield from self._wait_written().__await__()
         if entry.error is not None:
             raise entry.error
-        from .channel import Sent
-        return (yield from Sent(self._space._hub, entry.msg_id, entry.completion,
-                                entry.value).__await__())
+        if entry.completion is None:
+            return entry.msg_id
+        return (yield from entry.completion.__await__())
 
     async def _wait_written(self):
         space = self._space
