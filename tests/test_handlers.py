@@ -1308,3 +1308,28 @@ def test_handler_repr_names_source_type_and_function():
         handler.close()
         assert "closed" in repr(handler)
     run(main())
+
+
+class _Stop(BaseException):
+    """A BaseException that is not an Exception (like KeyboardInterrupt)."""
+
+
+def test_base_exception_inline_does_not_strand_parked_subscribers(relay_core):
+    # The sink runs inline inside send_nowait and raises a BaseException: it
+    # propagates to the sender, but every other reader woken by that write is
+    # still woken (none is left parked with its message unread).
+    async def main():
+        tx, rx = Relay.channel()
+
+        def explode(value):
+            raise _Stop()
+        rx.sink(int, explode)           # its reader comes first: woken first
+        await asyncio.sleep(0)
+        sub = rx.subscribe(int)
+        waiting = asyncio.ensure_future(sub.recv())
+        await asyncio.sleep(0)
+        with pytest.raises(_Stop):
+            for i in range(2):
+                tx.send_nowait(i)
+        assert await waiting == 0
+    run(main())

@@ -182,14 +182,27 @@ cdef void _release(Deferred* d) noexcept:
 
 
 cdef int _call_all(Deferred* d) except -1:
-    """After unlocking: call each callable of ``d`` in order, then release them."""
+    """After unlocking: call each callable of ``d`` in order, then release them.
+
+    A ``BaseException`` from one of them (a KeyboardInterrupt raised by a
+    handler running inline in a waker, say) does not stop the others: each
+    waker was taken from its reader, so one left uncalled would leave that
+    reader parked forever. The first such exception is raised at the end.
+    """
     cdef Py_ssize_t i = 0
+    pending = None
     try:
         while i < d.n:
-            _call0(_deferred_at(d, i))
+            try:
+                _call0(_deferred_at(d, i))
+            except BaseException as exc:
+                if pending is None:
+                    pending = exc
             i += 1
     finally:
         _release(d)
+    if pending is not None:
+        raise pending
     return 0
 
 

@@ -77,6 +77,25 @@ def _call(callback, *args):
         _callback_failed(callback)
 
 
+def _call_each(callbacks):
+    """Call each callback in order (see ``_call``).
+
+    A ``BaseException`` from one of them (a KeyboardInterrupt raised by a
+    handler running inline in a waker, say) does not stop the others: each
+    waker was taken from its reader, so one left uncalled would leave that
+    reader parked forever. The first such exception is raised at the end.
+    """
+    pending = None
+    for callback in callbacks:
+        try:
+            _call(callback)
+        except BaseException as exc:
+            if pending is None:
+                pending = exc
+    if pending is not None:
+        raise pending
+
+
 def check_capacity(capacity):
     """Validate a ring capacity: an int >= 1 (bool is not accepted)."""
     if isinstance(capacity, bool) or not isinstance(capacity, int):
@@ -347,8 +366,7 @@ class Ring:
             completion._waiter = self.waiter
         if evicted:
             self._report_eviction(*evicted)
-        for waker in wakers:
-            _call(waker)
+        _call_each(wakers)
         return seq + 1
 
     def send_nowait(self, value):
@@ -436,8 +454,7 @@ class Ring:
             if self._n_parked:
                 self._take_wakers(key, wakers)
         del lost  # dropped outside the lock
-        for waker in wakers:
-            _call(waker)
+        _call_each(wakers)
 
     def close(self):
         """Close the ring: no more writes; readers drain, then get CLOSED."""
@@ -449,8 +466,7 @@ class Ring:
             self._take_wakers(-1, wakers)
             space = self._space_waiter
             self._space_waiter = None
-        for waker in wakers:
-            _call(waker)
+        _call_each(wakers)
         if space is not None:
             _call(space)
 

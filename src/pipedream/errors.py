@@ -9,7 +9,8 @@ __all__ = ["SendError", "RelayClosed", "RelayFull", "RelayError", "Empty",
            "HandlerDetached"]
 
 #: The ``source`` values a ``RelayError`` can carry.
-SOURCES = frozenset({"sink", "tap", "map", "filter", "filter_map", "batch", "within"})
+SOURCES = frozenset({"sink", "tap", "map", "filter", "filter_map", "batch", "within",
+                     "forward", "merge"})
 
 
 class SendError(Exception):
@@ -37,7 +38,9 @@ class HandlerDetached(Exception):
 
     It is the ``error`` of the ``RelayError`` that the message's ``send()``
     raises. ``reason`` says why: ``"closed"`` (``Handler.close()``),
-    ``"cancelled"`` (its task was cancelled) or ``"loop closed"``.
+    ``"cancelled"`` (its task was cancelled), ``"loop closed"``, or
+    ``"stopped by <Name>"`` (a ``BaseException`` such as KeyboardInterrupt
+    escaped its function).
     """
 
     def __init__(self, handler, reason):
@@ -49,8 +52,10 @@ class HandlerDetached(Exception):
 class RelayError(SendError):
     """A handler or a transformation failed on one message.
 
-    ``msg_id``: the message it failed on. ``source``: ``"sink"``, ``"tap"``,
-    ``"within"``, ``"map"``, ``"filter"``, ``"filter_map"`` or ``"batch"``.
+    ``msg_id``: the message it failed on (0 for ``within`` and for a reliable
+    send refused before it was written). ``source``: ``"sink"``, ``"tap"``,
+    ``"within"``, ``"map"``, ``"filter"`` (also for ``only``/``exclude``),
+    ``"filter_map"``, ``"batch"``, ``"forward"`` or ``"merge"``.
     ``error``: the original exception, also set as ``__cause__``.
 
     It travels two ways: the message's ``send()`` raises it, and it is

@@ -20,8 +20,9 @@ class Dropped:
     """One message lost to lag in observable mode.
 
     ``msg_id`` and ``relay_id`` name the lost message, ``type_name`` its
-    module-qualified type, ``subscribers`` how many readers (subscriptions
-    and tracked handlers) lost it.
+    module-qualified type, ``subscribers`` how many readers lost it
+    (subscriptions, tracked handlers, and the feeds of derived relays,
+    ``forward`` and ``merge``).
     """
 
     __slots__ = ("msg_id", "relay_id", "type_name", "subscribers")
