@@ -63,7 +63,10 @@ class RelayError(SendError):
     """
 
     def __init__(self, msg_id, source, error, detail=None):
-        text = "%s failed on message %s: %r" % (source, msg_id, error)
+        if msg_id:
+            text = "%s failed on message %s: %r" % (source, msg_id, error)
+        else:       # within, or a send refused before it was written
+            text = "%s failed: %r" % (source, error)
         if detail:
             text += " (" + detail + ")"
         super().__init__(text)

@@ -387,6 +387,13 @@ class _Feed:
         finally:
             if timer is not None:
                 timer.cancel()      # a cancelled feed leaves no timer behind
+            if items:
+                # The batch relay was closed directly, or this feed was
+                # cancelled (a discarded relay, loop shutdown): these items
+                # were taken from the parent and cannot be delivered. Say so.
+                log.warning("batch into relay %d stopped with %d item(s) of a partial "
+                            "batch not delivered (first msg id %d on the parent)",
+                            target.id, len(items), first_id)
 
 
 def _discard(items, item):
