@@ -1315,7 +1315,7 @@ class _Stop(BaseException):
 
 
 def test_base_exception_inline_does_not_strand_parked_subscribers(relay_core):
-    # The sink runs inline inside send_nowait and raises a BaseException: it
+    # The sink runs inline inside send() and raises a BaseException: it
     # propagates to the sender, but every other reader woken by that write is
     # still woken (none is left parked with its message unread).
     async def main():
@@ -1329,7 +1329,45 @@ def test_base_exception_inline_does_not_strand_parked_subscribers(relay_core):
         waiting = asyncio.ensure_future(sub.recv())
         await asyncio.sleep(0)
         with pytest.raises(_Stop):
-            for i in range(2):
-                tx.send_nowait(i)
+            tx.send(0)                  # send() runs the idle sync sink inline
         assert await waiting == 0
     run(main())
+
+
+def test_send_nowait_never_runs_a_handler_in_the_callers_call(relay_core):
+    async def main():
+        tx, rx = Relay.channel()
+        me = asyncio.current_task()
+        where = []
+        rx.sink(int, lambda v: where.append(asyncio.current_task() is me))
+        await asyncio.sleep(0)
+        tx.send_nowait(1)
+        assert where == []              # not yet: it runs on the handler's task
+        await tx.send(2)                # the task is already woken: it takes both
+        assert where == [False, False]
+        await tx.send(3)                # idle again: send() runs it inline
+        assert where == [False, False, True]
+    run(main())
+
+
+def test_send_does_not_hang_when_the_handlers_loop_is_closed_without_cancelling(relay_core):
+    # A worker loop stopped and closed by hand: its handler task never runs
+    # again and gets no signal. The waiting send is released (HandlerDetached).
+    tx, rx = Relay.channel()
+    worker = asyncio.new_event_loop()
+
+    async def setup():
+        rx.sink(int, lambda v: None)
+    worker.run_until_complete(setup())
+
+    async def main():
+        sent = tx.send(1)           # queued for the worker's task, which never runs
+        worker.close()
+        with pytest.raises(RelayError) as info:
+            await sent
+        assert isinstance(info.value.error, HandlerDetached)
+        assert info.value.error.reason == "loop closed"
+        assert tx.handler_count == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(main(), timeout=10)

@@ -8,6 +8,7 @@ The rest of the package reads ``core`` from here when it creates a ring, so
 tests can swap it (see tests/conftest.py).
 """
 
+import importlib.util
 import os
 import warnings
 
@@ -21,17 +22,23 @@ def _load():
     if wanted == "python":
         from . import _core_py
         return _core_py, "python"
-    try:
-        from . import _core
-    except ImportError as exc:
-        if wanted == "cython":
-            raise
-        warnings.warn("pipedream: the Cython core could not be imported (%s); "
-                      "using the pure-Python core, which is several times slower" % exc,
-                      RuntimeWarning, stacklevel=3)
-        from . import _core_py
-        return _core_py, "python"
-    return _core, "cython"
+    if importlib.util.find_spec(__package__ + "._core") is None:
+        reason = ("the extension pipedream._core is not built (installed with "
+                  "PIPEDREAM_NO_EXTENSIONS=1, or from a source tree never compiled)")
+        error = None
+    else:
+        try:
+            from . import _core
+            return _core, "cython"
+        except ImportError as exc:
+            reason = "the extension pipedream._core failed to import: %s" % exc
+            error = exc
+    if wanted == "cython":
+        raise ImportError("PIPEDREAM_CORE=cython, but " + reason) from error
+    warnings.warn("pipedream: %s; using the pure-Python core, which is several "
+                  "times slower" % reason, RuntimeWarning, stacklevel=2)
+    from . import _core_py
+    return _core_py, "python"
 
 
 core, core_name = _load()

@@ -639,8 +639,13 @@ cdef class Ring:
         return self._put(value, origin, completion)
 
     def send_nowait(self, value):
-        """``write(value)`` for senders: the msg id, or ``RelayClosed`` /
-        ``RelayFull`` raised (nothing written)."""
+        """send_nowait(value): write ``value`` now and return its msg id.
+
+        Never waits for handlers (they still get the message, on their own
+        tasks). Safe from any thread. Raises ``RelayClosed`` after close and,
+        in reliable mode when the ring is full, ``RelayFull`` (nothing written).
+        (This is ``RelaySender.send_nowait`` of an observable relay.)
+        """
         cdef int64_t msg_id = self._put(value, 0, None)
         if msg_id > 0:
             return msg_id

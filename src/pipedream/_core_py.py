@@ -370,8 +370,13 @@ class Ring:
         return seq + 1
 
     def send_nowait(self, value):
-        """``write(value)`` for senders: the msg id, or ``RelayClosed`` /
-        ``RelayFull`` raised (nothing written)."""
+        """send_nowait(value): write ``value`` now and return its msg id.
+
+        Never waits for handlers (they still get the message, on their own
+        tasks). Safe from any thread. Raises ``RelayClosed`` after close and,
+        in reliable mode when the ring is full, ``RelayFull`` (nothing written).
+        (This is ``RelaySender.send_nowait`` of an observable relay.)
+        """
         msg_id = self.write(value, 0, None)
         if msg_id > 0:
             return msg_id

@@ -21,15 +21,26 @@ from .subscription import Subscription
 
 __all__ = ["Relay", "RelaySender", "WeakSender", "RelayReceiver", "Hub", "check_types"]
 
+try:
+    from types import UnionType as _UnionType      # int | str (Python 3.10+)
+except ImportError:                                 # pragma: no cover (3.9)
+    _UnionType = None
+
 _relay_ids = itertools.count(1)
+_WATCHDOG_S = 1.0   # how often a waiting send() checks for handlers on closed loops
 _current_loop = asyncio._get_running_loop
 _current_task = asyncio.current_task
 
 
 def check_types(types, name="T"):
-    """Normalize a type filter: None/object -> None (all), a class, or a tuple of classes."""
+    """Normalize a type filter: None/object -> None (all), a class, or a tuple of classes.
+
+    ``int | str`` (a union of classes) is taken as ``(int, str)``.
+    """
     if types is None or types is object:
         return None
+    if _UnionType is not None and isinstance(types, _UnionType):
+        types = types.__args__
     if isinstance(types, type):
         return types
     if isinstance(types, tuple) and types and all(isinstance(t, type) for t in types):
@@ -54,6 +65,7 @@ class Hub:
             from .reliable import SpaceQueue
             self.space = SpaceQueue(self)
         self.handlers = {}      # live tracked Handler -> None (insertion order)
+        self.inline = False     # True while send() writes (see Hub.send)
         self.tasks = {}         # running handler task -> Handler (deadlock guard)
         self.children = []      # derived hubs, for aclose()
         self.drain_waits = []   # awaitables aclose() waits for (handler/forwarder ends)
@@ -130,7 +142,18 @@ class Hub:
         if space is not None and space.queue:
             return space.send(value, origin)    # behind earlier sends, in order
         completion = self.core.Completion()
-        msg_id = self.ring.write(value, origin, completion)
+        if self.handlers:
+            # Only a send() may run idle sync handlers inline, inside this
+            # call (handlers.Handler._run_sync); send_nowait() never runs one.
+            # (A send() nested in such a handler ends the window early: later
+            # handlers of the outer write then simply run on their tasks.)
+            self.inline = True
+            try:
+                msg_id = self.ring.write(value, origin, completion)
+            finally:
+                self.inline = False
+        else:
+            msg_id = self.ring.write(value, origin, completion)
         if msg_id > 0:
             return completion       # awaitable: see Completion.__await__
         if msg_id == self.core.WRITE_FULL:
@@ -180,7 +203,22 @@ class Hub:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if completion.when_done(_resolver(loop, fut)):
-            await fut
+            watchdog = loop.call_later(_WATCHDOG_S, self._watch, fut)
+            try:
+                await fut
+            finally:
+                watchdog.cancel()
+
+    def _watch(self, fut):
+        # A handler whose loop was stopped and then closed without its tasks
+        # being cancelled gets no signal at all: look for such handlers now
+        # and then while a send waits, so that the send cannot hang.
+        if fut.done():
+            return
+        for handler in list(self.handlers):
+            handler.check_loop()
+        if not fut.done():
+            fut.get_loop().call_later(_WATCHDOG_S, self._watch, fut)
 
     def self_send_error(self, sent):
         """The deadlock guard: a ``RelayError`` if the awaiting task is a tracked
@@ -224,12 +262,15 @@ with a full ring it is queued in order for room), so a forgotten ``await``
 still delivers it. Awaiting returns the msg id once every tracked handler
 (sink, tap) of a matching type has finished it, or raises ``RelayError``
 (first failure). With no tracked handler to wait for, the await completes
-without suspending. Raises ``RelayClosed`` at the call if the relay is closed.
+without suspending. An idle sync handler on this thread's loop is run inside
+the call (the fast path). Raises ``RelayClosed`` at the call if the relay is
+closed.
 """
 
 _SEND_NOWAIT_DOC = """send_nowait(value): write ``value`` now and return its msg id.
 
-Never waits for handlers (they still get the message). Safe from any
+Never waits for handlers (they still get the message, on their own tasks:
+unlike ``send()``, it never runs a handler inside the call). Safe from any
 thread. Raises ``RelayClosed`` after close and, in reliable mode when the
 ring is full or sends are queued for room, ``RelayFull`` (nothing written).
 """

@@ -244,8 +244,9 @@ class Handler:
         Messages it was counted for and has not finished (the one in flight,
         if any, and the queued ones) are released at once: their ``send()``
         raises ``RelayError`` whose ``error`` is ``HandlerDetached``; nothing
-        is published. An in-flight async call is cancelled. ``aclose()`` does
-        not wait for a detached handler.
+        is published. An in-flight async call is cancelled (unless ``close()``
+        is called from inside that call itself). ``aclose()`` does not wait
+        for a detached handler.
         """
         if not self._detach("closed"):
             return
@@ -312,8 +313,9 @@ class Handler:
         """
         if not in_task:
             loop = self._loop
-            if self._busy or (loop._thread_id != _get_ident() if self._loop_has_thread_id
-                              else _current_loop() is not loop):
+            if self._busy or not self._hub.inline or (
+                    loop._thread_id != _get_ident() if self._loop_has_thread_id
+                    else _current_loop() is not loop):
                 self._on_ready()
                 return None
             self._busy = True
@@ -555,8 +557,13 @@ class Handler:
         else:
             self._wake_task()       # it pops CLOSED and returns
 
+    def check_loop(self):
+        """Detach if this handler's loop is closed (see Hub.wait_for_handlers)."""
+        if not self._closed and self._loop.is_closed():
+            self._loop_gone()
+
     def _loop_gone(self):
-        # A write found the handler's loop closed: nothing will ever run there.
+        # Its loop is closed: nothing will ever run there.
         if self._detach("loop closed"):
             self._release_current("loop closed")
             # Its task can never run now; what it owed is released, so its
