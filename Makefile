@@ -5,7 +5,8 @@ VPY    := $(VENV)/bin/python
 # Re-install (and so rebuild the extension) only when these change.
 # wildcard: _core.pxd (and, early on, _core.pyx) may not exist.
 INSTALL_DEPS := pyproject.toml setup.py \
-	$(wildcard src/pipedream/_core.pyx) $(wildcard src/pipedream/_core.pxd)
+	$(wildcard src/pipedream/_core.pyx) $(wildcard src/pipedream/_core.pxd) \
+	$(wildcard src/pipedream/_ready.h)
 
 .PHONY: venv test bench clean
 

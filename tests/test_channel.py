@@ -611,3 +611,23 @@ def test_send_nowait_from_other_thread_wakes_subscriber():
 
 def test_core_name_is_reported():
     assert pipedream.core_name in ("cython", "python")
+
+
+def test_anext_awaitable_protocol():
+    # __anext__ returns an awaitable; when a message is buffered it is already
+    # done (compiled core: a small done awaitable, no coroutine).
+    async def main():
+        tx, rx = Relay.channel()
+        sub = rx.subscribe()
+        for v in [(1, 2), None, StopIteration]:
+            tx.send_nowait(v)
+        assert await sub.__anext__() == (1, 2)          # a tuple stays a tuple
+        assert await sub.__anext__() is None
+        step = sub.__anext__().__await__()
+        with pytest.raises(StopIteration) as stop:      # the plain iterator protocol
+            next(step)
+        assert stop.value.value is StopIteration
+        tx.close()
+        with pytest.raises(StopAsyncIteration):
+            await sub.__anext__()
+    run(main())

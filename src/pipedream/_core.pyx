@@ -1540,26 +1540,38 @@ _reader_base_traverse = (<c_PyTypeObject*><void*>Reader).tp_traverse
 (<c_PyTypeObject*><void*>Reader).tp_traverse = _reader_traverse
 
 
-# -- The per-message receive loop, compiled -------------------------------------
-# ``async for`` calls ``__anext__`` once per message, and a coroutine made by
-# the interpreter costs more than everything else on that path. When this
-# module is built, ``Subscription.__anext__`` is this function: the same loop
-# as the pure-Python method in subscription.py, compiled. It knows nothing of
-# asyncio: it awaits whatever ``sub._waiters.wait()`` returns.
+# -- The per-message receive path, compiled ------------------------------------
+# ``async for`` calls ``__anext__`` once per message, and a coroutine made per
+# call costs more than everything else on that path. When this module is
+# built, ``Subscription.__anext__`` is ``subscription_next``: with a message
+# buffered it returns a done awaitable (_ready.h) holding it; otherwise the
+# same loop as the pure-Python method in subscription.py, compiled. It knows
+# nothing of asyncio: it awaits whatever ``sub._waiters.wait()`` returns.
 
-async def subscription_next(sub):
-    """``Subscription.__anext__``: the next value, or StopAsyncIteration at the end."""
+cdef extern from "_ready.h":
+    int pd_ready_init() except -1
+    object pd_ready_new(object value)
+
+pd_ready_init()
+
+
+def subscription_next(sub):
+    """``Subscription.__anext__``: an awaitable of the next value
+    (StopAsyncIteration at the end)."""
     reader = sub._reader
-    if type(reader) is Reader:
-        value = (<Reader>reader).pop()
-        while value is _EMPTY:
-            await sub._waiters.wait()
-            value = (<Reader>reader).pop()
-    else:                           # a ring of the pure-Python core (tests)
+    value = (<Reader>reader).pop() if type(reader) is Reader else reader.pop()
+    if value is _EMPTY or value is _CLOSED:
+        return _subscription_wait(sub, value)
+    if sub._envelopes:
+        value = sub._wrap(value)
+    return pd_ready_new(value)
+
+
+async def _subscription_wait(sub, value):
+    reader = sub._reader
+    while value is _EMPTY:
+        await sub._waiters.wait()
         value = reader.pop()
-        while value is _EMPTY:
-            await sub._waiters.wait()
-            value = reader.pop()
     if value is _CLOSED:
         raise StopAsyncIteration
     if sub._envelopes:
