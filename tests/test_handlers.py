@@ -1371,3 +1371,39 @@ def test_send_does_not_hang_when_the_handlers_loop_is_closed_without_cancelling(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run(main(), timeout=10)
+
+
+@pytest.mark.skipif(not hasattr(asyncio.Task, "cancelling"),
+                    reason="Python < 3.11 cannot tell a raised CancelledError from a cancel")
+def test_cancelled_error_raised_by_user_code_is_a_failure(relay_core):
+    # A CancelledError that fn raises itself (leaked from an inner task, say)
+    # is reported like any failure; the sink and the map feed go on.
+    async def main():
+        tx, rx = Relay.channel()
+        errors = rx.subscribe(RelayError)
+
+        async def fn(v):
+            if v == 1:
+                raise asyncio.CancelledError()
+            return v
+        out = rx.map(int, fn, on_error="skip").subscribe()
+        seen = []
+
+        async def h(v):
+            if v == 1:
+                raise asyncio.CancelledError()
+            seen.append(v)
+        rx.sink(int, h)
+        failed = []
+        for i in range(3):
+            try:
+                await tx.send(i)
+            except RelayError as err:
+                failed.append((err.msg_id, err.source, type(err.error)))
+        tx.close()
+        assert [v async for v in out] == [0, 2]
+        assert seen == [0, 2]
+        assert failed == [(2, "sink", asyncio.CancelledError)]
+        sources = sorted(e.source for e in await errors.recv_many(10))
+        assert sources == ["map", "sink"]
+    run(main())

@@ -52,6 +52,19 @@ _PARKED, _CLOSED, _HANDOFF, _LIMIT = "parked", "closed", "handoff", "limit"
 _isawaitable = inspect.isawaitable
 
 
+def cancel_requested():
+    """True if the current task is being cancelled (``task.cancel()`` was called).
+
+    Tells a ``CancelledError`` that stops the task (closing, shutdown) from one
+    that user code raised on its own (e.g. leaked from an inner task): the
+    latter is a failure like any other. Python 3.9/3.10 cannot tell them
+    apart, so there every ``CancelledError`` counts as a cancellation.
+    """
+    task = _current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or cancelling() > 0
+
+
 def _is_async(fn):
     """True for ``async def`` functions, partials of them, and objects whose
     ``__call__`` is ``async def``."""
@@ -443,8 +456,11 @@ class Handler:
                 await self._fn(value)
             else:
                 await _await_with_timeout(self._fn(value), self._timeout)
-        except _CancelledError:
-            raise
+        except _CancelledError as exc:
+            if self._closed or cancel_requested():
+                raise
+            self._failed(msg_id, value, exc)    # raised by fn itself: a failure
+            return
         except Exception as exc:
             self._failed(msg_id, value, exc)
             return

@@ -42,6 +42,7 @@ import math
 from ._sentinels import CLOSED, EMPTY
 from .channel import Hub, Relay, RelaySender, WeakSender, check_types, _ReceiveAPI
 from .errors import RelayClosed, RelayError
+from .handlers import cancel_requested
 from .subscription import Waiters, check_count
 
 __all__ = ["derive", "batch", "forward", "merge"]
@@ -308,6 +309,13 @@ class _Feed:
                     if is_async:
                         result = await result
                 except Exception as error:
+                    if self.failed(msg_id, error):
+                        continue
+                    return
+                except asyncio.CancelledError as error:
+                    if cancel_requested():
+                        raise
+                    # Raised by fn itself (not a cancellation of this feed).
                     if self.failed(msg_id, error):
                         continue
                     return
