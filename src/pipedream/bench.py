@@ -864,6 +864,12 @@ def main(argv=None):
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     if repeat < 1:
         parser.error("--repeat must be >= 1, got %d" % repeat)
+    json_file = None
+    if args.json:
+        try:   # find out now, not after a minute of measuring
+            json_file = open(args.json, "w")
+        except OSError as exc:
+            parser.error("--json: cannot write %s: %s" % (args.json, exc.strerror or exc))
 
     started = time.perf_counter()
     report = run_all(selected, with_memory, repeat, args.quick)
@@ -880,9 +886,9 @@ def main(argv=None):
               % load)
     print_table(report)
     print("\ntotal %.1f s" % report["wall_seconds"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
+    if json_file is not None:
+        with json_file:
+            json.dump(report, json_file, indent=2)
+            json_file.write("\n")
         print("figures written to %s" % args.json)
     return 0
