@@ -15,7 +15,7 @@ clock starts.
 Each system runs once as a warm-up, then ``--repeat`` times, round-robin
 with the other systems of the workload; its best time counts. A system whose
 feature is missing or raises is reported as "unavailable: <reason>" and the
-run goes on. Targets come from DESIGN.md section 5; a missed target is
+run goes on. Targets come from the product contract (the design document, section 5); a missed target is
 reported, never an error.
 
 Plain Python on purpose: ``make bench`` needs nothing beyond the package.
@@ -689,7 +689,7 @@ def _load_average():
         return None
 
 
-# -- targets (DESIGN.md section 5) ---------------------------------------------------
+# -- targets (design document, section 5) ---------------------------------------------------
 
 def _figure(report, workload, system, key="ratio"):
     return report["workloads"].get(workload, {}).get("systems", {}).get(system, {}).get(key)
@@ -716,7 +716,7 @@ def _ratio_target(report, label, workload, goal):
 
 
 def check_targets(report):
-    """The DESIGN.md targets, each with its measured figure and met / not met / None."""
+    """The design document's targets, each with its measured figure and met / not met / None."""
     targets = [
         _ratio_target(report, "W1 K=8 >= 3x an asyncio.Queue fan-out", "W1 K=8", 3.0),
         _ratio_target(report, "W1b K=8 >= 20x an asyncio.Queue fan-out", "W1b K=8", 20.0),
@@ -789,7 +789,7 @@ def print_table(report, out=sys.stdout):
 
     quick = " (--quick: sizes too small for these to mean anything)" \
         if report["settings"]["quick"] else ""
-    print("\ntargets (DESIGN.md section 5, judged on the Cython core)%s:" % quick, file=out)
+    print("\ntargets (design document section 5, judged on the Cython core)%s:" % quick, file=out)
     for t in report["targets"]:
         print("  " + _target_line(t), file=out)
     info = reliable_overhead(report)
