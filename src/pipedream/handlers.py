@@ -449,27 +449,13 @@ class Handler:
     async def _call_async(self, value):
         reader = self._reader
         self._current = reader.completion
-        msg_id = reader.msg_id
-        self._in_call = True
-        try:
-            if self._timeout is None:
-                await self._fn(value)
-            else:
-                await _await_with_timeout(self._fn(value), self._timeout)
-        except _CancelledError as exc:
-            if self._closed or cancel_requested():
-                raise
-            self._failed(msg_id, value, exc)    # raised by fn itself: a failure
-            return
-        except Exception as exc:
-            self._failed(msg_id, value, exc)
-            return
-        except BaseException as exc:
-            self._aborted(msg_id, exc)
-            raise
-        finally:
-            self._in_call = False
-        self._finish_current()
+        timeout = self._timeout
+        fn = self._fn
+        if timeout is None:
+            await self._settle(reader.msg_id, value, lambda: fn(value))
+        else:
+            await self._settle(reader.msg_id, value,
+                               lambda: _await_with_timeout(fn(value), timeout))
 
     async def _await_result(self, msg_id, value, awaitable):
         """Await what a sync fn returned, as part of that message's call."""
@@ -480,11 +466,24 @@ class Handler:
             if close is not None:
                 close()
             return
+        await self._settle(msg_id, value, lambda: awaitable)
+
+    async def _settle(self, msg_id, value, call):
+        """Await ``call()`` as message ``msg_id``'s call; settle the message.
+
+        Success finishes its completion; an ``Exception`` (or a
+        ``CancelledError`` that the call raised on its own) is a failure,
+        reported both ways; a cancellation of the handler propagates; any
+        other ``BaseException`` detaches the handler and propagates.
+        """
         self._in_call = True
         try:
-            await awaitable
-        except _CancelledError:
-            raise
+            await call()
+        except _CancelledError as exc:
+            if self._closed or cancel_requested():
+                raise
+            self._failed(msg_id, value, exc)    # raised by the call itself: a failure
+            return
         except Exception as exc:
             self._failed(msg_id, value, exc)
             return
