@@ -276,7 +276,23 @@ ring is full or sends are queued for room, ``RelayFull`` (nothing written).
 """
 
 
-class _SendAPI:
+class _Handle:
+    """What every handle on a relay tells about it."""
+
+    __slots__ = ()
+
+    @property
+    def id(self):
+        """This relay's id (also the ``origin`` of messages sent into it)."""
+        return self._hub.id
+
+    @property
+    def closed(self):
+        """True once the relay is closed."""
+        return self._hub.ring.closed
+
+
+class _SendAPI(_Handle):
     """Sending, shared by ``RelaySender``, ``WeakSender`` and ``Relay``."""
 
     # send and send_nowait are the hottest calls of the library, so they are
@@ -306,15 +322,6 @@ class _SendAPI:
         that runs the handlers' event loop: that loop could never finish them.
         """
         return self._hub.send_threadsafe(value)
-
-    @property
-    def id(self):
-        """This relay's id (also the ``origin`` of messages sent into it)."""
-        return self._hub.id
-
-    @property
-    def closed(self):
-        return self._hub.ring.closed
 
     @property
     def handler_count(self):
@@ -374,18 +381,10 @@ class _CloseAPI:
         raise TypeError("%s cannot be pickled" % type(self).__name__)
 
 
-class _ReceiveAPI:
+class _ReceiveAPI(_Handle):
     """Subscribing, handlers and transformations, shared by ``RelayReceiver`` and ``Relay``."""
 
     __slots__ = ()
-
-    @property
-    def id(self):
-        return self._hub.id
-
-    @property
-    def closed(self):
-        return self._hub.ring.closed
 
     def subscribe(self, T=None, envelopes=False):
         """An untracked ``Subscription`` to messages of type ``T`` (None: all types).
