@@ -834,3 +834,27 @@ def test_transformations_need_a_running_loop(relay_core):
         with pytest.raises(RuntimeError, match="running event loop"):
             make()
     assert rx._hub.ring.reader_count == 0
+
+
+class _Halt(BaseException):
+    """A BaseException that is not an Exception."""
+
+
+def test_base_exception_in_fn_stops_the_feed_and_says_which(relay_core):
+    # The feed stops, its derived relay closes, and the loop's exception
+    # handler hears which feed stopped (no bare "never retrieved" report).
+    async def main():
+        loop = asyncio.get_running_loop()
+        reports = []
+        loop.set_exception_handler(lambda _loop, context: reports.append(context["message"]))
+        tx, rx = Relay.channel()
+
+        def halt(value):
+            raise _Halt()
+        mapped = rx.map(int, halt)
+        out = mapped.subscribe()
+        await tx.send(1)
+        assert [v async for v in out] == []
+        assert mapped.closed
+        assert len(reports) == 1 and "map feed" in reports[0]
+    run(main())

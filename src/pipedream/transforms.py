@@ -245,14 +245,28 @@ class _Feed:
             await getattr(self, loop_name)(*args)
         except Exception as error:       # a bug in a loop below: never silent
             self.crashed(self.reader.msg_id, error)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:     # e.g. a KeyboardInterrupt out of fn
+            # The feed stops (the derived relay closes) and the exception goes
+            # on; say which feed it stopped rather than leave a bare task error.
+            self.error = RelayError(self.reader.msg_id, _SOURCE[self.op], exc, "the feed stopped")
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self.loop.call_exception_handler({
+                    "message": "pipedream: the %s feed from relay %d into relay %d stopped"
+                               % (self.op, self.source.id, self.target.id),
+                    "exception": exc, "task": self.task})
+            raise
         finally:
             self.end()
         if self.error is not None and self.link is None:
             raise self.error                # forward's awaitable raises it
 
-    def _task_done(self, _task):
+    def _task_done(self, task):
         if not self.reader.closed:
             self.end()
+        if not task.cancelled():
+            task.exception()    # retrieved: run() already reported how it ended
 
     def end(self):
         if self.reader.closed:
