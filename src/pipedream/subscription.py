@@ -75,7 +75,9 @@ class Waiters:
         if loop is None:
             return
         if _current_loop() is loop:
-            self.wake_all()
+            for fut in self._futures:      # wake_all(), inlined: once per burst
+                if not fut.done():
+                    fut.set_result(None)
         else:
             try:
                 loop.call_soon_threadsafe(self.wake_all)
@@ -164,7 +166,8 @@ class Subscription:
         Raises ``RelayClosed`` at the end, like ``recv``; cancellation while
         waiting consumes nothing.
         """
-        check_count(n)
+        if type(n) is not int or n < 1:
+            check_count(n)          # raises the right error
         reader = self._reader
         if self._envelopes:
             # pop_many keeps only the last message's metadata: take envelopes singly.
