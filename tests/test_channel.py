@@ -631,3 +631,27 @@ def test_anext_awaitable_protocol():
         with pytest.raises(StopAsyncIteration):
             await sub.__anext__()
     run(main())
+
+
+@pytest.mark.parametrize("variant", ["built", "python"])
+def test_anext_takes_nothing_until_awaited(variant):
+    # An __anext__() never awaited, or cancelled before it ran, consumes
+    # nothing: with the compiled awaitable and with the pure-Python method.
+    from pipedream.subscription import Subscription
+    anext = Subscription.__anext__ if variant == "built" else Subscription._anext_py
+
+    async def main():
+        tx, rx = Relay.channel()
+        sub = rx.subscribe(int)
+        for i in range(3):
+            tx.send_nowait(i)
+        pending = anext(sub)                  # never awaited
+        task = asyncio.ensure_future(anext(sub))
+        task.cancel()                         # cancelled before its first step
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(anext(sub), 0)
+        assert sub.pending == 3
+        assert [await anext(sub) for _ in range(3)] == [0, 1, 2]
+        if hasattr(pending, "close"):
+            pending.close()
+    run(main())

@@ -1543,28 +1543,58 @@ _reader_base_traverse = (<c_PyTypeObject*><void*>Reader).tp_traverse
 # -- The per-message receive path, compiled ------------------------------------
 # ``async for`` calls ``__anext__`` once per message, and a coroutine made per
 # call costs more than everything else on that path. When this module is
-# built, ``Subscription.__anext__`` is ``subscription_next``: with a message
-# buffered it returns a done awaitable (_ready.h) holding it; otherwise the
-# same loop as the pure-Python method in subscription.py, compiled. It knows
-# nothing of asyncio: it awaits whatever ``sub._waiters.wait()`` returns.
+# built, ``Subscription.__anext__`` is ``subscription_next``: it returns a
+# small awaitable (_ready.h) that takes the next message only when it is
+# first resumed, so an ``__anext__()`` never awaited, or cancelled first,
+# consumes nothing. With a message buffered it returns it at once; otherwise
+# it delegates to ``_subscription_wait``, the same loop as the pure-Python
+# method in subscription.py, compiled. It awaits whatever
+# ``sub._waiters.wait()`` returns: no asyncio here.
 
 cdef extern from "_ready.h":
-    int pd_ready_init() except -1
-    object pd_ready_new(object value)
+    int pd_next_init() except -1
+    object pd_next_new(object sub)
+    PyObject* (*pd_next_first)(PyObject* sub, PyObject** inner) except NULL
 
-pd_ready_init()
+
+cdef PyObject* _next_first(PyObject* op, PyObject** inner) except NULL:
+    # pd_next_first: the next value (a new reference), or NULL with *inner
+    # set to the slow path's iterator, or NULL with an exception set.
+    cdef object result = _next_step(<object>op)
+    if type(result) is _Delegate:
+        inner[0] = <PyObject*>(<_Delegate>result).iterator
+        c_incref(inner[0])
+        return NULL
+    c_incref(<PyObject*>result)
+    return <PyObject*>result
+
+
+@cython.final
+cdef class _Delegate:
+    cdef object iterator
+
+
+cdef object _next_step(object sub):
+    reader = sub._reader
+    value = (<Reader>reader).pop() if type(reader) is Reader else reader.pop()
+    cdef _Delegate delegate
+    if value is _EMPTY or value is _CLOSED:
+        delegate = _Delegate.__new__(_Delegate)
+        delegate.iterator = _subscription_wait(sub, value).__await__()
+        return delegate
+    if sub._envelopes:
+        return sub._wrap(value)
+    return value
+
+
+pd_next_init()
+pd_next_first = _next_first
 
 
 def subscription_next(sub):
     """``Subscription.__anext__``: an awaitable of the next value
-    (StopAsyncIteration at the end)."""
-    reader = sub._reader
-    value = (<Reader>reader).pop() if type(reader) is Reader else reader.pop()
-    if value is _EMPTY or value is _CLOSED:
-        return _subscription_wait(sub, value)
-    if sub._envelopes:
-        value = sub._wrap(value)
-    return pd_ready_new(value)
+    (StopAsyncIteration at the end); it takes nothing until awaited."""
+    return pd_next_new(sub)
 
 
 async def _subscription_wait(sub, value):

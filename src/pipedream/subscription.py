@@ -189,7 +189,9 @@ class Subscription:
     def __aiter__(self):
         return self
 
-    async def __anext__(self):
+    async def _anext_py(self):
+        # __anext__ of the pure-Python build (and the reference for the
+        # compiled one): nothing is taken until the coroutine runs.
         reader = self._reader
         value = reader.pop()
         while value is EMPTY:
@@ -199,8 +201,8 @@ class Subscription:
             raise StopAsyncIteration
         return self._wrap(value) if self._envelopes else value
 
-    if _compiled_next is not None:
-        __anext__ = _compiled_next      # the same loop, compiled (see _core.pyx)
+    # The compiled twin (see _core.pyx) when the extension is built.
+    __anext__ = _anext_py if _compiled_next is None else _compiled_next
 
     # -- state ----------------------------------------------------------------
 
