@@ -1407,3 +1407,57 @@ def test_cancelled_error_raised_by_user_code_is_a_failure(relay_core):
         sources = sorted(e.source for e in await errors.recv_many(10))
         assert sources == ["map", "sink"]
     run(main())
+
+
+def test_several_tasks_may_await_one_send(relay_core):
+    async def main():
+        tx, rx = Relay.channel()
+
+        async def slow(n):
+            await asyncio.sleep(0.05)
+        rx.sink(int, slow)
+        sent = tx.send(1)
+        first, second = asyncio.ensure_future(sent), asyncio.ensure_future(sent)
+        assert await first == 1 and await second == 1
+        third = asyncio.ensure_future(tx.send(2))
+        fourth = asyncio.ensure_future(asyncio.shield(third))
+        assert await fourth == 2
+    run(main())
+
+
+@pytest.mark.parametrize("wrap", ["wait_for", "gather", "shield"])
+def test_deadlock_guard_holds_when_the_await_is_wrapped(relay_core, wrap):
+    # wait_for/gather/shield await the send from a task of their own: the
+    # guard still fires at once (it was recorded when the handler sent).
+    async def main():
+        tx, rx = Relay.channel()
+        weak = tx.weak()
+        outcome = []
+
+        async def handler(n):
+            if n == 0:
+                sent = weak.send(1)
+                wrapped = {"wait_for": lambda: asyncio.wait_for(sent, 5),
+                           "gather": lambda: asyncio.gather(sent),
+                           "shield": lambda: asyncio.shield(sent)}[wrap]()
+                try:
+                    await wrapped
+                except RelayError as err:
+                    outcome.append("deadlock" in str(err.error))
+        rx.sink(int, handler)
+        await tx.send(0)
+        assert outcome == [True]
+    run(main())
+
+
+def test_a_slow_send_leaves_no_timer_behind(relay_core):
+    async def main():
+        loop = asyncio.get_running_loop()
+        tx, rx = Relay.channel()
+
+        async def slow(n):
+            await asyncio.sleep(1.2)            # longer than the watchdog period
+        rx.sink(int, slow)
+        await tx.send(1)
+        assert [h for h in loop._scheduled if not h.cancelled()] == []
+    run(main())

@@ -115,6 +115,7 @@ cdef class Completion:
     cdef readonly Py_ssize_t remaining
     cdef readonly object error
     cdef readonly object value      # the message, kept only while tracked
+    cdef public object layer        # free for the layer above (its waiting state)
     cdef object _callback
     cdef object _waiter             # the ring's waiter, for __await__
 

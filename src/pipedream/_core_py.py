@@ -116,13 +116,14 @@ class Completion:
     the thread that finished last (an exception from it is logged).
     """
 
-    __slots__ = ("msg_id", "remaining", "error", "value", "_callback", "_waiter")
+    __slots__ = ("msg_id", "remaining", "error", "value", "layer", "_callback", "_waiter")
 
     def __init__(self):
         self.msg_id = 0
         self.remaining = 0
         self.error = None
         self.value = None       # the message, kept only while tracked
+        self.layer = None       # free for the layer above (its waiting state)
         self._callback = None
         self._waiter = None     # the ring's waiter, for __await__
 

@@ -13,6 +13,7 @@ its derived relays. The public classes are thin handles on a hub:
 
 import asyncio
 import itertools
+import threading
 
 from . import _backend
 from .errors import RelayClosed, RelayError, RelayFull
@@ -155,6 +156,8 @@ class Hub:
         else:
             msg_id = self.ring.write(value, origin, completion)
         if msg_id > 0:
+            if self.tasks and completion.remaining:
+                self.guard_send(completion)     # (an async handler is running)
             return completion       # awaitable: see Completion.__await__
         if msg_id == self.core.WRITE_FULL:
             return space.send(value, origin)
@@ -193,23 +196,43 @@ class Hub:
         """The ring's ``waiter``: how awaiting ``send()`` waits for the tracked
         handlers still owing ``completion`` (see ``Completion.__await__``).
 
-        Raises the deadlock guard's ``RelayError`` at once when the awaiting
-        task is a handler that would itself have to handle the message.
-        Cancelling only stops the waiting.
+        Any number of tasks, on any loops, may await the same send. Raises
+        the deadlock guard's ``RelayError`` at once when the send was made,
+        or is awaited, by a handler that would itself have to handle the
+        message. Cancelling only stops this task's waiting.
         """
+        waiting = completion.layer
+        if waiting is not None and waiting.guard is not None:
+            raise waiting.guard
         error = self.self_send_error(completion)
         if error is not None:
             raise error
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        if completion.when_done(_resolver(loop, fut)):
-            watchdog = loop.call_later(_WATCHDOG_S, self._watch, fut)
-            try:
-                await fut
-            finally:
-                watchdog.cancel()
+        entry = (loop, fut)
+        with _waiting_lock:
+            waiting = completion.layer
+            if waiting is None:
+                waiting = completion.layer = _Waiting()
+            if waiting.resolved:
+                return
+            waiting.futures.append(entry)
+            first = not waiting.registered
+            waiting.registered = True
+        if first and not completion.when_done(_resolve_waiting):
+            _resolve_waiting(completion)    # finished in between
+        watch = [None]              # the pending watchdog timer (it re-arms itself)
+        watch[0] = loop.call_later(_WATCHDOG_S, self._watch, fut, watch)
+        try:
+            await fut
+        finally:
+            watch[0].cancel()
+            if not fut.done() or fut.cancelled():
+                with _waiting_lock:
+                    if entry in waiting.futures:
+                        waiting.futures.remove(entry)
 
-    def _watch(self, fut):
+    def _watch(self, fut, watch):
         # A handler whose loop was stopped and then closed without its tasks
         # being cancelled gets no signal at all: look for such handlers now
         # and then while a send waits, so that the send cannot hang.
@@ -218,7 +241,19 @@ class Hub:
         for handler in list(self.handlers):
             handler.check_loop()
         if not fut.done():
-            fut.get_loop().call_later(_WATCHDOG_S, self._watch, fut)
+            watch[0] = fut.get_loop().call_later(_WATCHDOG_S, self._watch, fut, watch)
+
+    def guard_send(self, completion):
+        """At ``send()``: if a tracked handler of this relay sends a message it
+        would itself have to handle, remember the guard's error on the
+        completion, so that awaiting it raises at once even from another task
+        (``wait_for``, ``gather`` and ``shield`` wrap the await in one)."""
+        error = self.self_send_error(completion)
+        if error is not None:
+            with _waiting_lock:
+                if completion.layer is None:
+                    completion.layer = _Waiting()
+                completion.layer.guard = error
 
     def self_send_error(self, sent):
         """The deadlock guard: a ``RelayError`` if the awaiting task is a tracked
@@ -234,6 +269,33 @@ class Hub:
             "written and the handler will still get it. Tracked handlers only send "
             "forward: use send_nowait() here, or send to a derived or another relay."
             % handler))
+
+
+_waiting_lock = threading.Lock()   # guards every _Waiting (they are tiny)
+
+
+class _Waiting:
+    """The asyncio side of one tracked send (kept in ``Completion.layer``):
+    the futures of the tasks awaiting it, resolved together when the last
+    counted handler finishes; and the deadlock guard's error, if any."""
+
+    __slots__ = ("futures", "registered", "resolved", "guard")
+
+    def __init__(self):
+        self.futures = []       # (loop, future) of each awaiting task
+        self.registered = False
+        self.resolved = False
+        self.guard = None
+
+
+def _resolve_waiting(completion):
+    # The completion callback: wake every awaiting task, each on its loop.
+    with _waiting_lock:
+        waiting = completion.layer
+        waiting.resolved = True
+        futures, waiting.futures = waiting.futures, []
+    for loop, fut in futures:
+        _resolver(loop, fut)(completion)
 
 
 def _resolver(loop, fut):
