@@ -1462,3 +1462,21 @@ def test_a_slow_send_leaves_no_timer_behind(relay_core):
         pending = [h for h in loop._scheduled if not h.cancelled()]
         assert not [h for h in pending if "_watch" in repr(h)]
     run(main())
+
+
+def test_send_nowait_inside_an_inline_handler_runs_no_handler_inline(relay_core):
+    async def main():
+        tx, rx = Relay.channel()
+        weak = tx.weak()
+        log = []
+
+        def on_int(n):
+            weak.send_nowait("s")
+            log.append("after send_nowait")
+        rx.sink(int, on_int)
+        rx.sink(str, lambda s: log.append("str ran"))
+        await asyncio.sleep(0)
+        await tx.send(1)                    # on_int runs inline here
+        await asyncio.sleep(0.01)
+        assert log == ["after send_nowait", "str ran"]
+    run(main())

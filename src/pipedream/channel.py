@@ -31,6 +31,7 @@ _relay_ids = itertools.count(1)
 _WATCHDOG_S = 1.0   # how often a waiting send() checks for handlers on closed loops
 _current_loop = asyncio._get_running_loop
 _current_task = asyncio.current_task
+_get_ident = threading.get_ident
 
 
 def check_types(types, name="T"):
@@ -66,7 +67,7 @@ class Hub:
             from .reliable import SpaceQueue
             self.space = SpaceQueue(self)
         self.handlers = {}      # live tracked Handler -> None (insertion order)
-        self.inline = False     # True while send() writes (see Hub.send)
+        self.inline = 0         # thread id of the send() writing now (see Hub.send)
         self.tasks = {}         # running handler task -> Handler (deadlock guard)
         self.children = []      # derived hubs, for aclose()
         self.drain_waits = []   # awaitables aclose() waits for (handler/forwarder ends)
@@ -148,11 +149,11 @@ class Hub:
             # call (handlers.Handler._run_sync); send_nowait() never runs one.
             # (A send() nested in such a handler ends the window early: later
             # handlers of the outer write then simply run on their tasks.)
-            self.inline = True
+            self.inline = _get_ident()
             try:
                 msg_id = self.ring.write(value, origin, completion)
             finally:
-                self.inline = False
+                self.inline = 0
         else:
             msg_id = self.ring.write(value, origin, completion)
         if msg_id > 0:

@@ -324,14 +324,23 @@ class Handler:
         messages handled: time to let the loop run). Inline, any of these but
         ``_PARKED`` wakes the task to carry on.
         """
-        if not in_task:
+        if in_task is False:
+            # Inline only inside a send() running on the handler's loop thread
+            # (hub.inline holds the thread id of the send() now writing).
             loop = self._loop
-            if self._busy or not self._hub.inline or (
-                    loop._thread_id != _get_ident() if self._loop_has_thread_id
+            hub = self._hub
+            ident = _get_ident()
+            if self._busy or hub.inline != ident or (
+                    loop._thread_id != ident if self._loop_has_thread_id
                     else _current_loop() is not loop):
                 self._on_ready()
                 return None
             self._busy = True
+            hub.inline = 0      # what fn sends itself runs no other handler inline
+            try:
+                return self._run_sync(None)
+            finally:
+                hub.inline = ident
         reader = self._reader
         run = self._run_in_context
         fn = self._fn
