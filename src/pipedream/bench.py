@@ -149,56 +149,48 @@ def join_all(threads):
         t.join()
 
 
-# -- W1: fan-out, per-message async for -----------------------------------------
+# -- W1 / W1b: fan-out; per-message async for / recv_many ----------------------
 
-async def w1_relay(values, k, mode="observable"):
+async def fan_out_relay(values, k, consume, mode="observable"):
+    """One relay, ``k`` subscribers each running ``consume``; the sender bursts."""
     tx, rx = Relay.channel(mode=mode)
     subs = [rx.subscribe(int) for _ in range(k)]
-    tasks = [asyncio.create_task(count_each(s)) for s in subs]
+    tasks = [asyncio.create_task(consume(s)) for s in subs]
     await send_bursts(tx.send_nowait, values)
     tx.close()
     counts = await asyncio.gather(*tasks)
     return sum(counts), sum(s.dropped for s in subs)
+
+
+async def fan_out_queues(values, k, consume):
+    """``k`` asyncio.Queues each drained by ``consume``; the sender bursts."""
+    queues = [asyncio.Queue() for _ in range(k)]
+    tasks = [asyncio.create_task(consume(q)) for q in queues]
+
+    def put_all(v):
+        for q in queues:
+            q.put_nowait(v)
+
+    await send_bursts(put_all, values)
+    put_all(STOP)
+    counts = await asyncio.gather(*tasks)
+    return sum(counts), 0
+
+
+async def w1_relay(values, k, mode="observable"):
+    return await fan_out_relay(values, k, count_each, mode)
 
 
 async def w1_queues(values, k):
-    queues = [asyncio.Queue() for _ in range(k)]
-    tasks = [asyncio.create_task(queue_count_each(q)) for q in queues]
+    return await fan_out_queues(values, k, queue_count_each)
 
-    def put_all(v):
-        for q in queues:
-            q.put_nowait(v)
-
-    await send_bursts(put_all, values)
-    put_all(STOP)
-    counts = await asyncio.gather(*tasks)
-    return sum(counts), 0
-
-
-# -- W1b: fan-out, recv_many ----------------------------------------------------
 
 async def w1b_relay(values, k):
-    tx, rx = Relay.channel()
-    subs = [rx.subscribe(int) for _ in range(k)]
-    tasks = [asyncio.create_task(count_batches(s)) for s in subs]
-    await send_bursts(tx.send_nowait, values)
-    tx.close()
-    counts = await asyncio.gather(*tasks)
-    return sum(counts), sum(s.dropped for s in subs)
+    return await fan_out_relay(values, k, count_batches)
 
 
 async def w1b_queues(values, k):
-    queues = [asyncio.Queue() for _ in range(k)]
-    tasks = [asyncio.create_task(queue_count_batches(q)) for q in queues]
-
-    def put_all(v):
-        for q in queues:
-            q.put_nowait(v)
-
-    await send_bursts(put_all, values)
-    put_all(STOP)
-    counts = await asyncio.gather(*tasks)
-    return sum(counts), 0
+    return await fan_out_queues(values, k, queue_count_batches)
 
 
 # -- W2: round trip through one tracked sync sink --------------------------------
