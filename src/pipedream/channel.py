@@ -18,7 +18,7 @@ import threading
 from . import _backend
 from .errors import RelayClosed, RelayError, RelayFull
 from .events import DeliveryMode, Dropped, type_name
-from .subscription import Subscription
+from .subscription import Subscription, wake_future
 
 __all__ = ["Relay", "RelaySender", "WeakSender", "RelayReceiver", "Hub", "check_types"]
 
@@ -301,21 +301,7 @@ def _resolve_waiting(completion):
 
 def _resolver(loop, fut):
     """A completion callback that resolves ``fut`` on ``loop``, from any thread."""
-    def resolve(_completion):
-        if _current_loop() is loop:
-            if not fut.done():
-                fut.set_result(None)
-        else:
-            try:
-                loop.call_soon_threadsafe(_set_result, fut)
-            except RuntimeError:    # the sender's loop is closed: nobody waits
-                pass
-    return resolve
-
-
-def _set_result(fut):
-    if not fut.done():
-        fut.set_result(None)
+    return lambda _completion: wake_future(loop, fut)
 
 
 _SEND_DOC = """send(value): send ``value`` (any object, ``None`` included); ``await`` it for the id.

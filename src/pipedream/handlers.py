@@ -31,6 +31,7 @@ import threading
 from ._sentinels import CLOSED, EMPTY
 from .channel import check_types
 from .errors import HandlerDetached, RelayError
+from .subscription import wake_future
 
 __all__ = ["Handler", "register", "within", "drain"]
 
@@ -606,7 +607,7 @@ class Handler:
             self._ended = True
             waiters, self._end_waiters = self._end_waiters, []
         for loop, fut in waiters:
-            _resolve_on(loop, fut)
+            wake_future(loop, fut)
 
     def _ended_future(self, loop):
         """A future on ``loop`` resolved when this handler has stopped, or None."""
@@ -618,21 +619,6 @@ class Handler:
             fut = loop.create_future()
             self._end_waiters.append((loop, fut))
             return fut
-
-
-def _set_result(fut):
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _resolve_on(loop, fut):
-    if _current_loop() is loop:
-        _set_result(fut)
-    else:
-        try:
-            loop.call_soon_threadsafe(_set_result, fut)
-        except RuntimeError:        # that loop is closed: nobody waits there
-            pass
 
 
 def register(hub, source, T, fn, timeout=None):

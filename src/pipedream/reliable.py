@@ -32,6 +32,7 @@ import concurrent.futures
 import threading
 
 from .errors import RelayClosed, RelayError
+from .subscription import wake_future
 
 __all__ = ["SpaceQueue", "QueuedSend", "send_threadsafe"]
 
@@ -291,7 +292,7 @@ class SpaceQueue:
     def _finish(self, entry):
         """Tell whoever waits for ``entry`` (called once, outside the lock)."""
         for loop, fut in entry.waiters:
-            _wake(loop, fut)
+            wake_future(loop, fut)
         entry.waiters = None
         if entry.future is not None:
             if entry.error is not None:
@@ -437,23 +438,6 @@ def _reader_of(handler):
 def _cancelled():
     return asyncio.CancelledError(
         "this send was cancelled while it waited for room; nothing was written")
-
-
-def _wake(loop, fut):
-    """Resolve ``fut`` on ``loop`` from any thread."""
-    if _current_loop() is loop:
-        if not fut.done():
-            fut.set_result(None)
-    else:
-        try:
-            loop.call_soon_threadsafe(_set_done, fut)
-        except RuntimeError:    # that loop is closed: nobody waits there
-            pass
-
-
-def _set_done(fut):
-    if not fut.done():
-        fut.set_result(None)
 
 
 def _claim(future):

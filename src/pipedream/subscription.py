@@ -11,7 +11,7 @@ from ._sentinels import CLOSED, EMPTY
 from .errors import Empty, RelayClosed
 from .events import Envelope
 
-__all__ = ["Subscription", "Waiters", "check_count"]
+__all__ = ["Subscription", "Waiters", "check_count", "wake_future"]
 
 # With the Cython core built, __anext__ is its compiled twin of the method below.
 _compiled_next = getattr(_backend.core, "subscription_next", None)
@@ -30,6 +30,22 @@ def check_count(n, name="n"):
 def _set_done(fut):
     if not fut.done():
         fut.set_result(None)
+
+
+def wake_future(loop, fut):
+    """Resolve ``fut`` (with None) on its ``loop``, from any thread.
+
+    Nothing happens if it is already done, or if that loop is closed
+    (nobody can be waiting there any more).
+    """
+    if _current_loop() is loop:
+        if not fut.done():
+            fut.set_result(None)
+    else:
+        try:
+            loop.call_soon_threadsafe(_set_done, fut)
+        except RuntimeError:        # that loop is closed
+            pass
 
 
 class Waiters:
