@@ -325,7 +325,8 @@ class Handler:
         messages handled: time to let the loop run). Inline, any of these but
         ``_PARKED`` wakes the task to carry on.
         """
-        if in_task is False:
+        hub = None
+        if not in_task:
             # Inline only inside a send() running on the handler's loop thread
             # (hub.inline holds the thread id of the send() now writing).
             loop = self._loop
@@ -338,10 +339,6 @@ class Handler:
                 return None
             self._busy = True
             hub.inline = 0      # what fn sends itself runs no other handler inline
-            try:
-                return self._run_sync(None)
-            finally:
-                hub.inline = ident
         reader = self._reader
         run = self._run_in_context
         fn = self._fn
@@ -382,6 +379,9 @@ class Handler:
             if not in_task:
                 self._wake_task()   # the task carries on from here
             raise
+        finally:
+            if hub is not None:
+                hub.inline = ident  # the send() goes on waking other readers
         if not in_task:
             self._wake_task()
         return status
